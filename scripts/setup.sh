@@ -15,15 +15,15 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
 fi
 echo "[setup] creating $venv with $($PY --version)"
 [[ -x "$venv/bin/python" ]] || "$PY" -m venv "$venv"
-pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
+pip() { "$venv/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; }
 echo "[setup] installing torch==2.13.0"
-"${pip[@]}" "torch==2.13.0" "setuptools>=68" wheel
+pip "torch==2.13.0" "setuptools>=68" wheel
 # deepspeed ships only an sdist whose setup.py imports torch: build it against the torch just installed
 # (an isolated build environment would download a second, multi-GB torch).
 echo "[setup] installing deepspeed==0.19.8 (no build isolation)"
-"${pip[@]}" --no-build-isolation "deepspeed==0.19.8"
+pip --no-build-isolation "deepspeed==0.19.8"
 echo "[setup] installing b1k-train[dev]"
-"${pip[@]}" -e ".[dev]"
+pip -e ".[dev]"
 "$venv/bin/python" - <<'PY'
 import torch
 assert torch.__version__.startswith("2.13.0"), f"expected torch 2.13.0, got {torch.__version__}"

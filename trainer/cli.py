@@ -1,0 +1,130 @@
+"""The `b1k-train` command line (also `python -m trainer`, which is what `ray job submit` runs)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+# Nothing we run should talk to the internet: no usage stats, no cloud metadata probing, no model hub.
+for _k, _v in {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "HF_HUB_OFFLINE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,40, got {text!r}") from e
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from data_loaders.synth import synthesize
+
+    report = synthesize(
+        args.out, tasks=args.tasks, episodes_per_task=args.episodes_per_task, frames=args.frames, seed=args.seed,
+        resolution=args.resolution, layout=args.layout, codec=args.codec, overwrite=args.overwrite,
+    )
+    print(report)
+    return 0
+
+
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from data_loaders.sharder import shard_dataset
+
+    manifest = shard_dataset(
+        args.src, args.out, workers=args.workers, samples_per_shard=args.samples_per_shard,
+        image_format=args.image_format, quality=args.quality, on_bad_episode=args.on_bad_episode,
+    )
+    print(f"wrote {len(manifest['shards'])} shards, {manifest['num_samples']} samples from "
+          f"{manifest['num_episodes']} episodes ({len(manifest['skipped_episodes'])} skipped) to {args.out}")
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from data_loaders.stats import compute_norm_stats
+
+    out = compute_norm_stats(args.shards, out=args.out, sample_fraction=args.sample_fraction, seed=args.seed)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from trainer.demo import run_demo
+
+    return run_demo(args.workdir, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="b1k-train", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="dataset tools: synth | shard | stats")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+
+    s = dsub.add_parser("synth", help="write a small synthetic dataset in the BEHAVIOR-1K 2025 layout")
+    s.add_argument("out", help="output directory (local path, file:// or s3://)")
+    s.add_argument("--tasks", type=_int_list, default=[0, 1, 40], help="comma-separated task ids (0-49)")
+    s.add_argument("--episodes-per-task", type=int, default=2)
+    s.add_argument("--frames", type=int, default=120, help="frames per episode (30 fps)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--resolution", choices=["low", "full"], default="low",
+                   help="full = 720 head / 480 wrists as in the real data; low = 128/96 for fast tests")
+    s.add_argument("--layout", choices=["b1k", "lerobot-v2.1", "lerobot-v3.0"], default="b1k",
+                   help="b1k = BEHAVIOR 2025 (LeRobot v2.1 with task-TTTT chunks); the others for reader tests")
+    s.add_argument("--codec", choices=["hevc", "av1", "h264"], default="hevc",
+                   help="RGB video codec (the 2025 data is HEVC; AV1 variants exist)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    s.set_defaults(func=_cmd_synth)
+
+    h = dsub.add_parser("shard", help="convert a LeRobot/BEHAVIOR dataset into webdataset shards + manifest")
+    h.add_argument("src", help="dataset root (local path or s3://)")
+    h.add_argument("out", help="shard output prefix (local path, file:// or s3://)")
+    h.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="parallel processes")
+    h.add_argument("--samples-per-shard", type=int, default=512)
+    h.add_argument("--image-format", choices=["jpeg", "png", "webp"], default="jpeg")
+    h.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality")
+    h.add_argument("--on-bad-episode", choices=["error", "skip"], default="error",
+                   help="error: stop at the first inconsistent episode; skip: leave it out and record why")
+    h.set_defaults(func=_cmd_shard)
+
+    t = dsub.add_parser("stats", help="compute norm_stats.json from shards in one streaming pass")
+    t.add_argument("shards", help="shard prefix holding manifest.json (local path, file:// or s3://)")
+    t.add_argument("--out", default=None, help="where to write norm_stats.json (default: next to the manifest)")
+    t.add_argument("--sample-fraction", type=float, default=1.0,
+                   help="fraction of action chunks used (the 1st-place recipe used 0.1 on the full data)")
+    t.add_argument("--seed", type=int, default=42)
+    t.set_defaults(func=_cmd_stats)
+
+    d = sub.add_parser("demo", help="the main job on the embedded default: synth -> shard -> stats -> stream")
+    d.add_argument("--workdir", default="outputs/demo")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        # User-facing errors carry the problem and the fix; no traceback unless asked for.
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
