@@ -1,0 +1,1 @@
+"""b1k-train: data_loaders."""
