@@ -152,6 +152,12 @@ class _ShardStream(IterableDataset):
             return e
 
 
+def _as_is(item: Any) -> Any:
+    # Keep worker outputs as numpy: one pickled buffer per sample through the pipe is cheaper than moving
+    # eleven small tensors into shared memory one by one (measured in bench/README.md).
+    return item
+
+
 def _collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     out = {}
     for key in samples[0]:
@@ -230,7 +236,8 @@ class StreamLoader:
             source: Any = iter(ds)
         else:
             source = iter(DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
-                                     prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False))
+                                     prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
+                                     collate_fn=_as_is))
         w = self.workers_per_rank
         ended: set[int] = set()
         buf: list[dict[str, Any]] = []
