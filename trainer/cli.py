@@ -51,7 +51,8 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     from data_loaders.stats import compute_norm_stats
 
-    out = compute_norm_stats(args.shards, out=args.out, sample_fraction=args.sample_fraction, seed=args.seed)
+    out = compute_norm_stats(args.shards, out=args.out, sample_fraction=args.sample_fraction, seed=args.seed,
+                             workers=args.workers)
     print(f"wrote {out}")
     return 0
 
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sample-fraction", type=float, default=1.0,
                    help="fraction of action chunks used (the 1st-place recipe used 0.1 on the full data)")
     t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--workers", type=int, default=1, help="parallel processes (shards are split between them)")
     t.set_defaults(func=_cmd_stats)
 
     d = sub.add_parser("demo", help="the main job on the embedded default: synth -> shard -> stats -> stream")

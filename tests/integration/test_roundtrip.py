@@ -28,7 +28,7 @@ def pipeline(tmp_path_factory, s3_endpoint):
     shards = f"s3://{bucket}/shards"
     cli = [sys.executable, "-m", "trainer"]
     subprocess.run(cli + ["data", "synth", dataset, "--tasks", "0,40", "--episodes-per-task", "1",
-                          "--frames", "45", "--seed", "7"], check=True)
+                          "--frames", "90", "--seed", "7"], check=True)
     subprocess.run(cli + ["data", "shard", dataset, shards, "--workers", "2", "--samples-per-shard", "16"],
                    check=True)
     subprocess.run(cli + ["data", "stats", shards], check=True)
