@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import resource
@@ -125,9 +126,12 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--formats", default="jpeg,webp", help="shard image formats to compare")
     args = ap.parse_args()
 
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
 
     from data_loaders.lerobot_source import LeRobotSource
     from data_loaders.norm_stats import NormStats
@@ -160,40 +164,44 @@ def main() -> None:
         print(f"  {r['format']:5s} q{r['quality']:<3d} {r['bytes_per_sample'] / 1024:7.1f} KiB/sample  "
               f"decode {r['decode_ms_per_sample']:5.2f} ms/sample  PSNR {r['psnr_db']:5.1f} dB")
 
-    shards = "s3://bench/shards"
-    t = time.perf_counter()
-    manifest = shard_dataset(dataset, shards, workers=2, samples_per_shard=128, image_format="jpeg", quality=90)
-    shard_s = time.perf_counter() - t
-    bytes_per_sample = sum(s["bytes"] for s in manifest["shards"]) / manifest["num_samples"]
-    results["sharding"] = {"samples": manifest["num_samples"], "seconds": shard_s,
-                           "samples_per_s": manifest["num_samples"] / shard_s, "bytes_per_sample": bytes_per_sample,
-                           "projected_full_dataset_TB": bytes_per_sample * FULL_DATASET_TIMESTEPS / 1e12}
-    stats = NormStats.load(compute_norm_stats(shards))
-
-    results["shards_1_worker"] = bench_shards(shards, stats, num_batches=args.batches, batch_size=args.batch_size,
-                                              num_workers=1)
-    results["shards_2_workers"] = bench_shards(shards, stats, num_batches=args.batches,
-                                               batch_size=args.batch_size, num_workers=2)
     rng = np.random.default_rng(1)
     ids = [(int(ep.episode_index), int(rng.integers(0, ep.length))) for ep in
            (episodes[i] for i in rng.integers(0, len(episodes), size=args.samples))]
-    results["lerobot_random_access"] = bench_lerobot_random_access(source, stats, ids)
+    stats = None
+    for fmt in args.formats.split(","):
+        shards = f"s3://bench/shards-{fmt}"
+        t = time.perf_counter()
+        manifest = shard_dataset(dataset, shards, workers=2, samples_per_shard=128, image_format=fmt, quality=90)
+        shard_s = time.perf_counter() - t
+        bps = sum(s["bytes"] for s in manifest["shards"]) / manifest["num_samples"]
+        stats = stats or NormStats.load(compute_norm_stats(shards))
+        results[fmt] = {
+            "sharding": {"samples": manifest["num_samples"], "seconds": shard_s,
+                         "samples_per_s": manifest["num_samples"] / shard_s, "bytes_per_sample": bps,
+                         "projected_full_dataset_TB": bps * FULL_DATASET_TIMESTEPS / 1e12},
+            "stream_1_worker": bench_shards(shards, stats, num_batches=args.batches, batch_size=args.batch_size,
+                                            num_workers=1),
+            "stream_2_workers": bench_shards(shards, stats, num_batches=args.batches, batch_size=args.batch_size,
+                                             num_workers=2),
+        }
+    base = results["lerobot_random_access"] = bench_lerobot_random_access(source, stats, ids)
     server.stop()
 
-    s1, base = results["shards_1_worker"], results["lerobot_random_access"]
-    ratio = s1["samples_per_cpu_s"] / base["samples_per_cpu_s"]
-    results["ratio_per_core"] = ratio
-    print(f"\nsharding: {results['sharding']['samples_per_s']:.1f} samples/s with 2 workers; "
-          f"{bytes_per_sample / 1024:.1f} KiB/sample -> {results['sharding']['projected_full_dataset_TB']:.2f} TB "
-          f"for the full {FULL_DATASET_TIMESTEPS:,} timesteps")
-    print(f"shards (S3, 1 worker):   {s1['samples_per_s']:7.1f} samples/s wall, "
-          f"{s1['samples_per_cpu_s']:7.1f} samples per CPU-second")
-    s2 = results["shards_2_workers"]
-    print(f"shards (S3, 2 workers):  {s2['samples_per_s']:7.1f} samples/s wall, "
-          f"{s2['samples_per_cpu_s']:7.1f} samples per CPU-second")
-    print(f"LeRobot random access:   {base['samples_per_s']:7.1f} samples/s wall, "
-          f"{base['samples_per_cpu_s']:7.1f} samples per CPU-second")
-    print(f"ratio per core (shards / LeRobot-style): {ratio:.1f}x   (targets: >= 150 samples/s/core, >= 20x)")
+    print(f"\nLeRobot-style random access (local disk, 1 process): {base['samples_per_s']:.1f} samples/s wall, "
+          f"{base['samples_per_cpu_s']:.1f} samples per CPU-second")
+    for fmt in args.formats.split(","):
+        r = results[fmt]
+        s1, s2, sh = r["stream_1_worker"], r["stream_2_workers"], r["sharding"]
+        r["ratio_per_core"] = s1["samples_per_cpu_s"] / base["samples_per_cpu_s"]
+        print(f"[{fmt}] shards: {sh['bytes_per_sample'] / 1024:.1f} KiB/sample -> "
+              f"{sh['projected_full_dataset_TB']:.2f} TB for {FULL_DATASET_TIMESTEPS:,} timesteps; "
+              f"conversion {sh['samples_per_s']:.1f} samples/s (2 workers)")
+        print(f"[{fmt}] stream from S3, 1 worker:  {s1['samples_per_s']:6.1f} samples/s wall, "
+              f"{s1['samples_per_cpu_s']:6.1f} samples per CPU-second")
+        print(f"[{fmt}] stream from S3, 2 workers: {s2['samples_per_s']:6.1f} samples/s wall, "
+              f"{s2['samples_per_cpu_s']:6.1f} samples per CPU-second")
+        print(f"[{fmt}] ratio per core (shards / LeRobot-style): {r['ratio_per_core']:.1f}x "
+              f"(targets: >= 150 samples/s/core, >= 20x)")
     out = os.path.join(work, "loader_bench.json")
     with open(out, "w") as f:
         json.dump(results, f, indent=1)

@@ -24,6 +24,10 @@ from PIL import Image
 from data_loaders.behavior_facts import ACTION_DIM, ACTION_HORIZON, CAMERAS, STATE_DIM
 
 IMAGE_FORMATS: dict[str, str] = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+# Chosen by measurement (bench/loader_bench.py, bench/README.md): at quality 90 WebP is ~30% smaller per sample
+# than JPEG at the same PSNR, and the loader stays well above its per-core target.
+DEFAULT_IMAGE_FORMAT = "webp"
+DEFAULT_IMAGE_QUALITY = 90
 ARRAY_FIELDS = ("state", "actions", "action_mask")
 
 

@@ -28,7 +28,9 @@ from data_loaders.behavior_facts import (
 )
 from data_loaders.episode import DatasetError, Episode, EpisodeSource
 from data_loaders.manifest import write_tar
-from data_loaders.sample_format import IMAGE_FORMATS, encode_sample, sample_key
+from data_loaders.sample_format import (
+    DEFAULT_IMAGE_FORMAT, DEFAULT_IMAGE_QUALITY, IMAGE_FORMATS, encode_sample, sample_key,
+)
 
 PARTS_DIR = "_parts"
 SETTINGS_NAME = "settings.json"
@@ -40,9 +42,9 @@ class ShardSettings:
 
     samples_per_shard: int = 512
     """Samples (timesteps) per tar; an episode's last shard holds the remainder, shards never span episodes."""
-    image_format: str = "jpeg"
+    image_format: str = DEFAULT_IMAGE_FORMAT
     """One of sample_format.IMAGE_FORMATS."""
-    quality: int = 90
+    quality: int = DEFAULT_IMAGE_QUALITY
     """JPEG/WebP quality 1..100 (ignored by PNG but still recorded)."""
     image_size: int = MODEL_IMAGE_SIZE
     """Square side the source resizes every camera frame to."""

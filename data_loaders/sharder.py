@@ -30,6 +30,7 @@ from tqdm import tqdm
 from data_loaders import manifest as manifest_lib
 from data_loaders import storage
 from data_loaders.episode import DatasetError, EpisodeRef, EpisodeSource
+from data_loaders.sample_format import DEFAULT_IMAGE_FORMAT, DEFAULT_IMAGE_QUALITY
 from data_loaders.shard_writer import (
     PARTS_DIR, SETTINGS_NAME, ShardSettings, convert_episode, json_bytes, write_skipped,
 )
@@ -45,8 +46,8 @@ def shard_dataset(
     *,
     workers: int,
     samples_per_shard: int = 512,
-    image_format: str = "jpeg",
-    quality: int = 90,
+    image_format: str = DEFAULT_IMAGE_FORMAT,
+    quality: int = DEFAULT_IMAGE_QUALITY,
     on_bad_episode: str = "error",
     image_size: int = 224,
     progress: bool = True,

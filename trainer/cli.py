@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("out", help="shard output prefix (local path, file:// or s3://)")
     h.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="parallel processes")
     h.add_argument("--samples-per-shard", type=int, default=512)
-    h.add_argument("--image-format", choices=["jpeg", "png", "webp"], default="jpeg")
-    h.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality")
+    h.add_argument("--image-format", choices=["webp", "jpeg", "png"], default="webp",
+                   help="shard image encoding (webp chosen by measurement, see bench/README.md)")
+    h.add_argument("--quality", type=int, default=90, help="WebP/JPEG quality")
     h.add_argument("--on-bad-episode", choices=["error", "skip"], default="error",
                    help="error: stop at the first inconsistent episode; skip: leave it out and record why")
     h.set_defaults(func=_cmd_shard)

@@ -27,7 +27,7 @@ from data_loaders.behavior_facts import CAMERAS, SKILL_INDEX, TASK_NUM_STAGES
 from data_loaders.episode import DatasetError
 from data_loaders.lerobot_source import LeRobotSource
 from data_loaders.manifest import iter_tar_samples, load_manifest, read_shard_bytes
-from data_loaders.sample_format import decode_sample
+from data_loaders.sample_format import IMAGE_FORMATS, decode_sample
 from data_loaders.sharder import shard_dataset
 from data_loaders.synth import synthesize
 
@@ -130,8 +130,9 @@ def test_webdataset_library_reads_the_shards(local_run):
     paths = [str(Path(out, s["name"])) for s in raw["shards"]]
     got = [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in wds.WebDataset(
         paths, shardshuffle=False)]
-    members = ["action_mask.npy", "actions.npy", "head.jpg", "left_wrist.jpg", "meta.json", "right_wrist.jpg",
-               "state.npy"]
+    ext = IMAGE_FORMATS[raw["settings"]["image_format"]]
+    members = sorted(["action_mask.npy", "actions.npy", f"head.{ext}", f"left_wrist.{ext}", "meta.json",
+                      f"right_wrist.{ext}", "state.npy"])
     assert got == [(f"e{e['episode_index']:08d}_f{t:06d}", members) for e in raw["episodes"] for t in range(FRAMES)]
 
 
