@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=2, help="episodes of task 0 to synthesize")
     ap.add_argument("--frames", type=int, default=300, help="frames per episode")
     ap.add_argument("--samples", type=int, default=120, help="random samples for the baseline")
-    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--formats", default="jpeg,webp", help="shard image formats to compare")
