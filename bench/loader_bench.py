@@ -95,10 +95,11 @@ def bench_shards(shards_url: str, stats, *, num_batches: int, batch_size: int, n
 
 def bench_lerobot_random_access(source, stats, sample_ids: list[tuple[int, int]]) -> dict:
     """Per sample: seek+decode 3 full-res videos, resize, gather 30 action rows, same transforms."""
+    from PIL import Image
+
     from data_loaders.augment import AugmentConfig, augment_cameras
     from data_loaders.transforms import Normalizer
     from data_loaders.video_decode import decode_frame_at
-    from PIL import Image
 
     normalizer, aug = Normalizer.from_norm_stats(stats), AugmentConfig()
     tables = {ep: source.read_episode(ep) for ep in sorted({e for e, _ in sample_ids})}  # like a memmapped table

@@ -13,7 +13,6 @@ one file (a new file once `video_files_size_in_mb` of source video is exceeded),
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -25,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_loaders import video_decode
+from data_loaders import storage, video_decode
 from data_loaders.behavior_facts import FPS, NUM_TASKS, TASK_INSTRUCTIONS
 from data_loaders.episode import DatasetError
 from data_loaders.lerobot_source import LeRobotSource
@@ -82,17 +81,6 @@ def _episode_stats(table: pa.Table) -> dict[str, dict[str, list]]:
             out[name] = _stats(values.reshape(table.num_rows, -1))
     return out
 
-
-def _write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=4)
-
-
-def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def _stock_table(table: pa.Table, *, episode_index: int, task_index: int, first_index: int) -> pa.Table:
@@ -179,11 +167,12 @@ def _write_v21(src: LeRobotSource, out: str, info: dict, tasks: list[str], refs:
     info.update(codebase_version="v2.1", total_videos=len(refs) * len(keys),
                 total_chunks=math.ceil(len(refs) / CHUNKS_SIZE), data_path=V21_DATA_PATH,
                 video_path=V21_VIDEO_PATH if keys else None)
-    _write_json(os.path.join(out, "meta/info.json"), {k: info.get(k) for k in V21_INFO_KEYS})
-    _write_jsonl(os.path.join(out, "meta/tasks.jsonl"), [{"task_index": i, "task": t} for i, t in enumerate(tasks)])
-    _write_jsonl(os.path.join(out, "meta/episodes.jsonl"), [
+    storage.write_json_file(os.path.join(out, "meta/info.json"), {k: info.get(k) for k in V21_INFO_KEYS})
+    storage.write_jsonl_file(os.path.join(out, "meta/tasks.jsonl"),
+                             [{"task_index": i, "task": t} for i, t in enumerate(tasks)])
+    storage.write_jsonl_file(os.path.join(out, "meta/episodes.jsonl"), [
         {"episode_index": i, "tasks": [tasks[r.task_index]], "length": r.length} for i, r in enumerate(refs)])
-    _write_jsonl(os.path.join(out, "meta/episodes_stats.jsonl"),
+    storage.write_jsonl_file(os.path.join(out, "meta/episodes_stats.jsonl"),
                  [{"episode_index": i, "stats": s} for i, s in enumerate(stats)])
 
 
@@ -280,7 +269,7 @@ def _write_v30(src: LeRobotSource, out: str, info: dict, tasks: list[str], refs:
     info.update(codebase_version="v3.0", fps=fps, data_files_size_in_mb=DATA_FILE_MB,
                 video_files_size_in_mb=VIDEO_FILE_MB, data_path=V30_DATA_PATH,
                 video_path=V30_VIDEO_PATH if keys else None)
-    _write_json(os.path.join(out, "meta/info.json"), {k: info.get(k) for k in V30_INFO_KEYS})
+    storage.write_json_file(os.path.join(out, "meta/info.json"), {k: info.get(k) for k in V30_INFO_KEYS})
     features = sorted({f for s in stats for f in s})
-    _write_json(os.path.join(out, "meta/stats.json"),
+    storage.write_json_file(os.path.join(out, "meta/stats.json"),
                 {f: _aggregate([s[f] for s in stats if f in s]) for f in features})

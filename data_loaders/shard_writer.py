@@ -24,12 +24,21 @@ from fsspec import AbstractFileSystem
 
 from data_loaders import storage
 from data_loaders.behavior_facts import (
-    ACTION_HORIZON, CAMERAS, MODEL_IMAGE_SIZE, SKILL_INDEX, TASK_NUM_STAGES, stage_label,
+    ACTION_HORIZON,
+    CAMERAS,
+    MODEL_IMAGE_SIZE,
+    SKILL_INDEX,
+    TASK_NUM_STAGES,
+    stage_label,
 )
 from data_loaders.episode import DatasetError, Episode, EpisodeSource
 from data_loaders.manifest import write_tar
 from data_loaders.sample_format import (
-    DEFAULT_IMAGE_FORMAT, DEFAULT_IMAGE_QUALITY, IMAGE_FORMATS, encode_sample, sample_key,
+    DEFAULT_IMAGE_FORMAT,
+    DEFAULT_IMAGE_QUALITY,
+    IMAGE_FORMATS,
+    encode_sample,
+    sample_key,
 )
 
 PARTS_DIR = "_parts"

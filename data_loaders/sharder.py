@@ -32,7 +32,12 @@ from data_loaders import storage
 from data_loaders.episode import DatasetError, EpisodeRef, EpisodeSource
 from data_loaders.sample_format import DEFAULT_IMAGE_FORMAT, DEFAULT_IMAGE_QUALITY
 from data_loaders.shard_writer import (
-    PARTS_DIR, SETTINGS_NAME, ShardSettings, convert_episode, json_bytes, write_skipped,
+    PARTS_DIR,
+    SETTINGS_NAME,
+    ShardSettings,
+    convert_episode,
+    json_bytes,
+    write_skipped,
 )
 
 log = logging.getLogger(__name__)

@@ -36,8 +36,14 @@ from tqdm import tqdm
 
 from data_loaders import storage
 from data_loaders.behavior_facts import ACTION_DIM, ACTION_HORIZON, DELTA_ACTION_MASK, MODEL_DIM, STATE_DIM
-from data_loaders.manifest import (Manifest, ShardInfo, iter_tar_samples, load_manifest, manifest_to_bytes,
-                                   read_shard_bytes)
+from data_loaders.manifest import (
+    Manifest,
+    ShardInfo,
+    iter_tar_samples,
+    load_manifest,
+    manifest_to_bytes,
+    read_shard_bytes,
+)
 from data_loaders.norm_stats import CONSTANT_STD, FLAT_DIM, NORM_STATS_NAME, NormStats, std_or_one
 from data_loaders.running_stats import BottomKReservoir, Moments, hash64, unit_interval
 from data_loaders.sample_format import decode_sample
@@ -187,7 +193,7 @@ def correlation_cholesky(cov: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, 
             return np.linalg.cholesky(corr + jitter * np.eye(len(corr))), jitter
         except np.linalg.LinAlgError:
             if jitter >= _MAX_JITTER:  # cannot happen for a valid correlation matrix; guard against NaN input
-                raise ValueError("action correlation matrix is not positive definite even with jitter 1.0")
+                raise ValueError("action correlation matrix is not positive definite even with jitter 1.0") from None
             jitter *= 10.0
 
 
@@ -257,7 +263,8 @@ def _scan_parallel(manifest: Manifest, settings: dict, workers: int, bar: tqdm) 
             except queue_module.Empty:
                 dead = [p for w, p in enumerate(procs) if w not in results and p.exitcode not in (None, 0)]
                 if dead:  # killed without a word, e.g. by the OOM killer
-                    raise RuntimeError(f"norm stats worker {dead[0].name} died (exit code {dead[0].exitcode})")
+                    raise RuntimeError(
+                        f"norm stats worker {dead[0].name} died (exit code {dead[0].exitcode})") from None
                 continue
             if kind == "progress":
                 bar.update(payload)

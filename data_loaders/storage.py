@@ -6,11 +6,12 @@ server) from AWS_ENDPOINT_URL, which botocore honours natively; nothing here is 
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import time
 import uuid
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import fsspec
 from fsspec import AbstractFileSystem
@@ -74,3 +75,17 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 4, base_dela
                 raise OSError(f"{what}: failed after {attempts} attempts: {e}") from e
             time.sleep(base_delay_s * (2**i))
     raise AssertionError("unreachable")
+
+
+def write_json_file(path: str, obj: Any) -> None:
+    """Write `obj` as JSON with indent=4 (the dataset's own style) to a local path, creating parent dirs."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=4)
+
+
+def write_jsonl_file(path: str, rows: list[dict[str, Any]]) -> None:
+    """Write one compact JSON object per line to a local path, creating parent dirs."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -29,7 +29,12 @@ from data_loaders import manifest as mf
 from data_loaders.augment import AugmentConfig
 from data_loaders.sample_format import SampleError, decode_sample
 from data_loaders.stream_plan import (
-    Cursor, EpochPlanner, StreamState, manifest_fingerprint, merge_rank_states, reshard,
+    Cursor,
+    EpochPlanner,
+    StreamState,
+    manifest_fingerprint,
+    merge_rank_states,
+    reshard,
 )
 from data_loaders.transforms import Normalizer, SampleTransform
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -152,10 +151,10 @@ def write_b1k_dataset(root: str, *, tasks: list[int], episodes_per_task: int, fr
         total += content.length
     info = synth_meta.info_json(num_episodes=len(indices), num_frames=total, num_tasks=len(tasks), sizes=sizes,
                                 rgb_codec=spec.encoder)
-    _write_json(os.path.join(root, "meta", "info.json"), info)
-    _write_jsonl(os.path.join(root, "meta", "tasks.jsonl"), synth_meta.tasks_rows())
-    _write_jsonl(os.path.join(root, "meta", "episodes.jsonl"), episode_rows)
-    _write_jsonl(os.path.join(root, "meta", "episodes_stats.jsonl"), stats_rows)
+    storage.write_json_file(os.path.join(root, "meta", "info.json"), info)
+    storage.write_jsonl_file(os.path.join(root, "meta", "tasks.jsonl"), synth_meta.tasks_rows())
+    storage.write_jsonl_file(os.path.join(root, "meta", "episodes.jsonl"), episode_rows)
+    storage.write_jsonl_file(os.path.join(root, "meta", "episodes_stats.jsonl"), stats_rows)
     return indices, total
 
 
@@ -192,23 +191,11 @@ def _write_episode(root: str, content: EpisodeContent, sizes: dict[str, int], rg
                 for writer, frame in zip(writers, renderer.frame(t), strict=True):
                     writer.write(frame)
 
-    _write_json(os.path.join(root, synth_meta.episode_path(synth_meta.METAINFO_PATH, ep)),
+    storage.write_json_file(os.path.join(root, synth_meta.episode_path(synth_meta.METAINFO_PATH, ep)),
                 synth_meta.episode_metainfo(content))
-    _write_json(os.path.join(root, synth_meta.episode_path(synth_meta.ANNOTATION_PATH, ep)),
+    storage.write_json_file(os.path.join(root, synth_meta.episode_path(synth_meta.ANNOTATION_PATH, ep)),
                 synth_meta.annotation(content))
 
-
-def _write_json(path: str, doc: Any) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=4)
-
-
-def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
 
 
 def _exists_nonempty(fs: Any, path: str, local: bool) -> bool:

@@ -17,7 +17,12 @@ from PIL import Image
 
 from data_loaders.augment import AugmentConfig, augment_cameras
 from data_loaders.behavior_facts import (
-    ACTION_DIM, ACTION_HORIZON, DELTA_ACTION_MASK, MODEL_DIM, SKILL_INDEX, STATE_DIM,
+    ACTION_DIM,
+    ACTION_HORIZON,
+    DELTA_ACTION_MASK,
+    MODEL_DIM,
+    SKILL_INDEX,
+    STATE_DIM,
 )
 
 NORM_EPS = 1e-6  # (x - mean) / (std + eps), as in the reference implementation

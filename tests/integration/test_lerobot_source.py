@@ -95,7 +95,7 @@ def test_stock_parquet_has_lerobot_bookkeeping_columns(sources, dirs):
 
 def test_low_dim_data_identical_across_layouts(sources, dirs):
     b1k = sources["b1k-v2.1"]
-    for layout, src, i, bref, ref in _paired(sources):
+    for layout, src, _, bref, ref in _paired(sources):
         want, got = b1k.read_episode(bref.episode_index), src.read_episode(ref.episode_index)
         assert got.task_index == want.task_index and got.length == FRAMES
         for field in ("proprio", "state", "actions", "timestamps"):

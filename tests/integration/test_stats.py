@@ -9,12 +9,18 @@ import numpy as np
 import pytest
 
 from data_loaders import storage
-from data_loaders.behavior_facts import (ACTION_DIM, ACTION_HORIZON, CAMERAS, DELTA_ACTION_MASK, MODEL_DIM,
-                                         STATE_DIM, episode_index)
+from data_loaders.behavior_facts import (
+    ACTION_DIM,
+    ACTION_HORIZON,
+    CAMERAS,
+    DELTA_ACTION_MASK,
+    MODEL_DIM,
+    episode_index,
+)
 from data_loaders.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, manifest_to_bytes, write_tar
 from data_loaders.norm_stats import CONSTANT_STD, NormStats
-from data_loaders.sample_format import encode_sample, sample_key
 from data_loaders.running_stats import hash64, unit_interval
+from data_loaders.sample_format import encode_sample, sample_key
 from data_loaders.stats import _SALT_SELECT, compute_norm_stats
 
 pytestmark = pytest.mark.integration
