@@ -186,6 +186,14 @@ class StreamLoader:
                                     shards_per_group=cfg.shards_per_group)
         self.workers_per_rank = max(1, cfg.num_workers)
         self.num_slots = world_size * self.workers_per_rank
+        num_groups = len(self.planner.groups(0))
+        if num_groups < self.num_slots:
+            # Workers are interleaved strictly round-robin, so a slot with nothing to read would stall the rank.
+            raise ValueError(
+                f"{manifest_url} has {len(self.manifest.shards)} shards = {num_groups} groups of "
+                f"{cfg.shards_per_group}, fewer than the {self.num_slots} loader slots (world_size {world_size} x "
+                f"{self.workers_per_rank} workers); lower num_workers or shards_per_group, or re-shard with a "
+                f"smaller --samples-per-shard")
         self.fingerprint = manifest_fingerprint([s.name for s in self.manifest.shards],
                                                 [s.num_samples for s in self.manifest.shards])
         normalizer = Normalizer.from_norm_stats(norm_stats) if norm_stats is not None else None

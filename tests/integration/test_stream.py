@@ -224,6 +224,11 @@ def test_unlisted_shards_are_never_read(damaged):
     assert len(all_ids(run(StreamLoader(d, cfg())))) == 80
 
 
+def test_too_few_shards_for_the_slots_is_a_clear_error(shards_dir):
+    with pytest.raises(ValueError, match="fewer than the 16 loader slots"):
+        StreamLoader(shards_dir, cfg(shards_per_group=4, num_workers=4), rank=0, world_size=4)
+
+
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="batch_size"):
         StreamConfig(batch_size=0)
