@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-    CheckpointImpl, CheckpointWrapper, checkpoint_wrapper,
+    CheckpointImpl,
+    CheckpointWrapper,
+    checkpoint_wrapper,
 )
 
 

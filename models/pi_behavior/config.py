@@ -9,7 +9,11 @@ from __future__ import annotations
 import dataclasses
 
 from data_loaders.behavior_facts import (
-    ACTION_HORIZON, MAX_NUM_STAGES, MODEL_DIM, NUM_TASKS, TASK_NUM_STAGES,
+    ACTION_HORIZON,
+    MAX_NUM_STAGES,
+    MODEL_DIM,
+    NUM_TASKS,
+    TASK_NUM_STAGES,
 )
 from models.common.gemma import GemmaConfig
 from models.common.siglip import SiglipConfig

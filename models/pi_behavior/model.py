@@ -24,7 +24,11 @@ from models.common.siglip import SiglipVisionTower
 from models.pi_behavior import masks
 from models.pi_behavior.config import PiBehaviorConfig
 from models.pi_behavior.embeddings import (
-    TaskStageFusion, TimeEmbedding, flax_embedding, flax_linear, state_to_bins,
+    TaskStageFusion,
+    TimeEmbedding,
+    flax_embedding,
+    flax_linear,
+    state_to_bins,
 )
 from models.pi_behavior.flow import CorrelatedNoise, Inpainter, flow_targets, sample_loop, sample_time
 
