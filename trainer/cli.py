@@ -57,6 +57,15 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fast(args: argparse.Namespace) -> int:
+    from models.pi_behavior.fast import fit_fast_tokenizer
+
+    out = fit_fast_tokenizer(args.shards, out=args.out, norm_stats_url=args.norm_stats, max_chunks=args.max_chunks,
+                             seed=args.seed)
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from trainer.demo import run_demo
 
@@ -68,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = sub.add_parser("data", help="dataset tools: synth | shard | stats")
+    data = sub.add_parser("data", help="dataset tools: synth | shard | stats | fast")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
 
     s = dsub.add_parser("synth", help="write a small synthetic dataset in the BEHAVIOR-1K 2025 layout")
@@ -106,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--workers", type=int, default=1, help="parallel processes (shards are split between them)")
     t.set_defaults(func=_cmd_stats)
+
+    f = dsub.add_parser("fast", help="fit the FAST action tokenizer (pi-behavior's auxiliary targets) on shards")
+    f.add_argument("shards", help="shard prefix holding manifest.json and norm_stats.json")
+    f.add_argument("--out", default=None, help="output directory (default: SHARDS/fast_tokenizer)")
+    f.add_argument("--norm-stats", default=None, help="norm_stats.json URL (default: SHARDS/norm_stats.json)")
+    f.add_argument("--max-chunks", type=int, default=20_000, help="action chunks used for BPE (memory ~85 KB each)")
+    f.add_argument("--seed", type=int, default=42)
+    f.set_defaults(func=_cmd_fast)
 
     d = sub.add_parser("demo", help="the main job on the embedded default: synth -> shard -> stats -> stream")
     d.add_argument("--workdir", default="outputs/demo")

@@ -32,6 +32,7 @@ def pipeline(tmp_path_factory, s3_endpoint):
     subprocess.run(cli + ["data", "shard", dataset, shards, "--workers", "2", "--samples-per-shard", "16"],
                    check=True)
     subprocess.run(cli + ["data", "stats", shards], check=True)
+    subprocess.run(cli + ["data", "fast", shards], check=True)
     return dataset, shards
 
 
@@ -61,6 +62,24 @@ def test_loader_samples_equal_source_episodes(pipeline):
                 assert np.abs(got - src).mean() < 3.0  # JPEG q90 on top of the same decoded frame
             seen += 1
     assert seen == sum(e.length for e in episodes.values())
+
+
+def test_fast_tokenizer_fitted_by_the_cli_round_trips(pipeline):
+    from data_loaders.transforms import to_delta
+    from models.pi_behavior.fast import FastTokenizer
+
+    _, shards = pipeline
+    tok = FastTokenizer.load(f"{shards}/fast_tokenizer")
+    batch = next(iter(StreamLoader(shards, StreamConfig(batch_size=8, num_workers=0, num_epochs=1, train=False))))
+    full = batch["action_mask"].all(dim=1)
+    chunks = to_delta(batch["actions"][full].numpy(), batch["state"][full].numpy())
+    back = np.stack([tok.decode(tok.encode(c)) for c in chunks])
+    assert back.shape == chunks.shape and np.isfinite(back).all()
+    q01, q99 = np.asarray(tok.config.q01), np.asarray(tok.config.q99)
+    keep = [d for d in range(23) if d != 6]
+    # Error in the tokenizer's normalized units ([q01, q99] -> [-1, 1]); quantization alone bounds it by 0.05.
+    err = (back - np.clip(chunks, q01, q99))[..., keep] / np.maximum(q99 - q01, 1e-6)[keep] * 2
+    assert np.sqrt(np.mean(err**2)) < 0.05
 
 
 def test_training_batches_use_the_stats(pipeline):
