@@ -119,6 +119,34 @@ def attention(q_BHSE: torch.Tensor, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor,
     return out.to(q_BHSE.dtype).transpose(1, 2).reshape(b, s, h * e)
 
 
+def grouped_prefix_attention(q_BHSE: torch.Tensor, k_BKPE: torch.Tensor, v_BKPE: torch.Tensor,
+                             valid_BP: torch.Tensor, ks_BKSE: torch.Tensor, vs_BKSE: torch.Tensor,
+                             group: int) -> torch.Tensor:
+    """Attention of S = G * group query tokens over a shared prefix (P keys, `valid_BP` marks usable ones) plus
+    their own group's `group` keys only (block diagonal), in float32. Returns (B, S, H*E).
+
+    Equal to one softmax over [prefix; all S tokens] with a block-diagonal mask, but it never forms the S x S
+    cross-group scores: cost S * (P + group) instead of S * (P + S), which is what makes N flow samples in one
+    pass cheaper than N passes.
+    """
+    b, h, s, e = q_BHSE.shape
+    g = s // group
+    rep = h // k_BKPE.shape[1]
+    q = q_BHSE.float() / math.sqrt(e)
+    kp = k_BKPE.float().repeat_interleave(rep, dim=1)
+    vp = v_BKPE.float().repeat_interleave(rep, dim=1)
+    logits_p = q @ kp.transpose(-1, -2)  # (B, H, S, P)
+    logits_p = logits_p.masked_fill(~valid_BP[:, None, None, :], float("-inf"))
+    qg = q.reshape(b, h, g, group, e)
+    ksg = ks_BKSE.float().repeat_interleave(rep, dim=1).reshape(b, h, g, group, e)
+    vsg = vs_BKSE.float().repeat_interleave(rep, dim=1).reshape(b, h, g, group, e)
+    logits_s = (qg @ ksg.transpose(-1, -2)).reshape(b, h, s, group)  # (B, H, S, group)
+    weights = torch.softmax(torch.cat([logits_p, logits_s], dim=-1), dim=-1)
+    p = logits_p.shape[-1]
+    out = weights[..., :p] @ vp + (weights[..., p:].reshape(b, h, g, group, group) @ vsg).reshape(b, h, s, e)
+    return out.to(q_BHSE.dtype).transpose(1, 2).reshape(b, s, h * e)
+
+
 class GemmaMLP(nn.Module):
     def __init__(self, width: int, mlp_dim: int):
         super().__init__()
@@ -163,13 +191,25 @@ class GemmaBlock(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_BST: torch.Tensor,
                 cond: torch.Tensor | None = None, extra_k: torch.Tensor | None = None,
-                extra_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (new hidden, this block's post-RoPE k, v). `extra_k/v` (B, K, T0, E) are prepended keys."""
+                extra_v: torch.Tensor | None = None, group: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (new hidden, this block's post-RoPE k, v).
+
+        `extra_k/v` (B, K, T0, E) are prepended keys. With `group`, the tokens form independent groups of that
+        size which see the extra keys and their own group only, and `mask_BST` is instead the (B, T0) validity
+        of the extra keys (grouped_prefix_attention).
+        """
         h, gate = self.input_layernorm(x_BSD, cond)
         q, k, v = self.self_attn.qkv(h, cos, sin)
-        keys = k if extra_k is None else torch.cat([extra_k.to(k.dtype), k], dim=2)
-        values = v if extra_v is None else torch.cat([extra_v.to(v.dtype), v], dim=2)
-        out = self.self_attn.o_proj(attention(q, keys, values, mask_BST))
+        if group is not None:
+            if extra_k is None or extra_v is None:
+                raise ValueError("grouped attention needs the prefix keys/values")
+            attn = grouped_prefix_attention(q, extra_k.to(k.dtype), extra_v.to(v.dtype), mask_BST, k, v, group)
+        else:
+            keys = k if extra_k is None else torch.cat([extra_k.to(k.dtype), k], dim=2)
+            values = v if extra_v is None else torch.cat([extra_v.to(v.dtype), v], dim=2)
+            attn = attention(q, keys, values, mask_BST)
+        out = self.self_attn.o_proj(attn)
         x_BSD = x_BSD + (out if gate is None else out * gate)
         h, gate = self.post_attention_layernorm(x_BSD, cond)
         out = self.mlp(h)

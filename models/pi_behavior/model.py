@@ -167,10 +167,11 @@ class PiBehavior(nn.Module):
         start = prefix_valid_BP.long().sum(dim=1, keepdim=True)  # positions continue after the prefix (§1.2)
         positions = (start + torch.arange(h, device=tokens.device)[None]).repeat(1, n)
         cos, sin = rope_cos_sin(positions, self.cfg.expert.head_dim, self.cfg.expert.rope_base)
-        mask = masks.suffix_mask(prefix_valid_BP, h, n)
         x = tokens
         for j, layer in enumerate(self.expert_layers):
-            x, _, _ = layer(x, cos, sin, mask, cond=cond.to(x.dtype), extra_k=ks[j], extra_v=vs[j])
+            # Each flow sample's H tokens see the prefix and each other (masks.suffix_mask), computed per group.
+            x, _, _ = layer(x, cos, sin, prefix_valid_BP, cond=cond.to(x.dtype), extra_k=ks[j], extra_v=vs[j],
+                            group=h)
         x = self.expert_norm(x, cond.to(x.dtype))[0]
         return self.action_out_proj(x).float().reshape(b, n, h, a)
 

@@ -92,3 +92,18 @@ def test_config_validation():
                                                                 num_kv_heads=1, head_dim=16))
     with pytest.raises(ValueError, match="unknown pi-behavior config"):
         pb_config.get_config("huge")
+
+
+def test_grouped_prefix_attention_equals_block_diagonal_masked_attention():
+    from models.common.gemma import attention, grouped_prefix_attention
+
+    g = torch.Generator().manual_seed(0)
+    b, h, e, p, group, n = 2, 4, 8, 7, 3, 5
+    q = torch.randn(b, h, n * group, e, generator=g)
+    kp, vp = torch.randn(b, 1, p, e, generator=g), torch.randn(b, 1, p, e, generator=g)
+    ks, vs = torch.randn(b, 1, n * group, e, generator=g), torch.randn(b, 1, n * group, e, generator=g)
+    valid = torch.ones(b, p, dtype=torch.bool)
+    valid[1, -2:] = False
+    full = attention(q, torch.cat([kp, ks], 2), torch.cat([vp, vs], 2), masks.suffix_mask(valid, group, n))
+    grouped = grouped_prefix_attention(q, kp, vp, valid, ks, vs, group)
+    assert torch.allclose(full, grouped, atol=1e-5)
