@@ -177,7 +177,8 @@ class StreamLoader:
     """Iterable of batches for one rank, with state_dict()/load_state_dict() for exact resume."""
 
     def __init__(self, manifest_url: str, cfg: StreamConfig, *, rank: int = 0, world_size: int = 1,
-                 norm_stats: Any | None = None, augment: AugmentConfig | None = None):
+                 norm_stats: Any | None = None, augment: AugmentConfig | None = None,
+                 fast_tokenizer: Any | None = None, max_fast_tokens: int = 200):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
@@ -198,7 +199,8 @@ class StreamLoader:
                                                 [s.num_samples for s in self.manifest.shards])
         normalizer = Normalizer.from_norm_stats(norm_stats) if norm_stats is not None else None
         aug = (augment or AugmentConfig()) if cfg.train else None
-        self.transform = SampleTransform(normalizer=normalizer, augment=aug)
+        self.transform = SampleTransform(normalizer=normalizer, augment=aug, fast_tokenizer=fast_tokenizer,
+                                         max_fast_tokens=max_fast_tokens)
         self._state = StreamState.fresh(fingerprint=self.fingerprint, seed=cfg.seed,
                                         shards_per_group=cfg.shards_per_group, num_slots=self.num_slots,
                                         num_ranks=world_size)

@@ -104,6 +104,10 @@ class SampleTransform:
 
     normalizer: Normalizer | None = None
     augment: AugmentConfig | None = None
+    # Optional FAST tokenizer (models.pi_behavior.fast.FastTokenizer): adds the auxiliary targets
+    # fast_tokens / fast_mask (max_fast_tokens,) computed from the raw delta chunk.
+    fast_tokenizer: Any | None = None
+    max_fast_tokens: int = 200
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
         images = [decode_jpeg_like(b) if isinstance(b, bytes) else Image.fromarray(b) for b in sample["images"]]
@@ -119,7 +123,14 @@ class SampleTransform:
         else:
             model_state, actions = state.astype(np.float32), sample["actions"].astype(np.float32)
         skill_id = int(meta["skill_id"])
-        return {
+        extra: dict[str, Any] = {}
+        if self.fast_tokenizer is not None:
+            from models.pi_behavior.fast import to_model_tokens
+
+            ids = self.fast_tokenizer.encode(to_delta(sample["actions"], state))
+            tokens, mask = to_model_tokens([ids], max_len=self.max_fast_tokens)
+            extra = {"fast_tokens": tokens[0], "fast_mask": mask[0]}
+        return extra | {
             "images": np.stack([np.asarray(im, dtype=np.uint8) for im in images]),
             "state": model_state,
             "actions": actions,

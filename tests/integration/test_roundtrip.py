@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from data_loaders.behavior_facts import CAMERAS, stage_label
 from data_loaders.lerobot_source import LeRobotSource
@@ -80,6 +81,15 @@ def test_fast_tokenizer_fitted_by_the_cli_round_trips(pipeline):
     # Error in the tokenizer's normalized units ([q01, q99] -> [-1, 1]); quantization alone bounds it by 0.05.
     err = (back - np.clip(chunks, q01, q99))[..., keep] / np.maximum(q99 - q01, 1e-6)[keep] * 2
     assert np.sqrt(np.mean(err**2)) < 0.05
+    # The loader attaches the same tokens as model targets when given the tokenizer.
+    with_fast = next(iter(StreamLoader(shards, StreamConfig(batch_size=8, num_workers=1, num_epochs=1, train=False),
+                                       fast_tokenizer=tok, max_fast_tokens=200)))
+    assert with_fast["fast_tokens"].shape == (8, 200) and with_fast["fast_tokens"].dtype == torch.int64
+    for i in range(8):
+        ids = tok.encode(to_delta(with_fast["actions"][i].numpy(), with_fast["state"][i].numpy()))
+        n = min(len(ids), 200)
+        assert with_fast["fast_tokens"][i, :n].tolist() == ids[:n]
+        assert int(with_fast["fast_mask"][i].sum()) == n
 
 
 def test_training_batches_use_the_stats(pipeline):
