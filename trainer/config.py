@@ -1,0 +1,91 @@
+"""Typed training configuration (frozen dataclasses validated at construction).
+
+A run is fully described by a TrainConfig: a named recipe from trainer/recipes.py plus `--set key=value`
+overrides (trainer/overrides.py). The config is stored as config.json in every checkpoint and as MLflow params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from trainer.optim import OptimConfig
+
+STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    shards: str = ""  # manifest URL (local, file:// or s3://); "" = synthesize a small dataset into the run dir
+    norm_stats: str = ""  # default: <shards>/norm_stats.json (computed when missing)
+    fast_tokenizer: str = ""  # default: <shards>/fast_tokenizer (fitted when missing)
+    num_workers: int = 2  # DataLoader worker processes per training worker
+    shards_per_group: int = 4  # loader shuffle window, in shards
+    augment: bool = True  # train-time image augmentation
+    # Used only when shards == "": the synthetic BEHAVIOR-format dataset written for the run.
+    synth_tasks: tuple[int, ...] = (0, 1, 40)
+    synth_episodes_per_task: int = 2
+    synth_frames: int = 90
+    synth_samples_per_shard: int = 16
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0 or self.shards_per_group < 1:
+            raise ValueError("data.num_workers must be >= 0 and data.shards_per_group >= 1")
+        if self.synth_tasks and self.synth_frames < 31:
+            raise ValueError("data.synth_frames must be >= 31 (one full 30-step action chunk)")
+
+    def check_source(self) -> None:
+        """Raise unless the run has data: real shards, or a synthetic dataset to generate."""
+        if not self.shards and not self.synth_tasks:
+            raise ValueError("no training data: set --set data.shards=s3://bucket/b1k/shards (a `b1k-train data "
+                             "shard` output), or data.synth_tasks for a synthetic dataset")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    recipe: str  # registry name this config came from
+    model: str = "full"  # pi-behavior architecture config: "tiny" | "full"
+    init_from: str = ""  # "" (random init) | "paligemma:<dir>" | "pi05:<model.safetensors>"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    strategy: str = "fsdp"  # ddp | fsdp | zero1 | zero2 | zero3
+    precision: str = "auto"  # auto = bf16 on GPUs that support it, fp32 on CPU
+    activation_checkpointing: bool = False
+    global_batch_size: int = 2048  # samples per optimizer step, fixed whatever the worker count
+    micro_batch_size: int = 32  # samples per worker per forward/backward; accumulation fills the rest
+    num_steps: int = 200_000
+    seed: int = 0
+    log_every: int = 25
+    save_every: int = 500
+    keep_last: int = 2  # committed checkpoints kept besides the keep_period ones
+    keep_period: int = 4000  # checkpoints at multiples of this step are kept forever (0 = none)
+    peak_tflops_per_worker: float = 989.0  # for MFU: H100 SXM dense bf16; set to your accelerator's
+    max_failures: int = 3  # worker-group restarts before the run gives up
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy {self.strategy!r} is not one of {STRATEGIES}; e.g. --set strategy=fsdp")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.model not in ("tiny", "full"):
+            raise ValueError(f"model {self.model!r} is not a pi-behavior config; use tiny or full")
+        if self.init_from and not self.init_from.startswith(("paligemma:", "pi05:")):
+            raise ValueError(f"init_from {self.init_from!r} must start with 'paligemma:' or 'pi05:'")
+        for name in ("global_batch_size", "micro_batch_size", "num_steps", "log_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"global_batch_size {self.global_batch_size} must be a multiple of micro_batch_size "
+                             f"{self.micro_batch_size}")
+        if self.keep_last < 1 or self.keep_period < 0:
+            raise ValueError("keep_last must be >= 1 and keep_period >= 0")
+
+    def grad_accum_steps(self, num_workers: int) -> int:
+        """Micro-batches per optimizer step on each worker so that the global batch stays fixed."""
+        per_step = self.micro_batch_size * num_workers
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not divisible by micro_batch_size "
+                f"{self.micro_batch_size} x {num_workers} workers; choose a worker count that divides "
+                f"{self.global_batch_size // self.micro_batch_size} or change --set micro_batch_size=...")
+        return self.global_batch_size // per_step
