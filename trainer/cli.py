@@ -66,6 +66,23 @@ def _cmd_fast(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from trainer.launch import fit
+    from trainer.overrides import apply_overrides
+    from trainer.recipes import get_recipe
+
+    cfg = apply_overrides(get_recipe(args.recipe), args.set or [])
+    summary = fit(cfg, run_name=args.run_name, storage_url=args.storage, num_workers=args.workers)
+    print(f"run {args.run_name}: last checkpoint {summary['checkpoint']}")
+    return 0
+
+
+def _recipes_epilog() -> str:
+    from trainer.recipes import recipes_help
+
+    return recipes_help()
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from trainer.demo import run_demo
 
@@ -124,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=42)
     f.set_defaults(func=_cmd_fast)
 
+    fit = sub.add_parser("fit", help="train a recipe on Ray Train (resumes a run of the same name and storage)",
+                         epilog=_recipes_epilog())
+    fit.add_argument("recipe", help="recipe name (listed below)")
+    fit.add_argument("--run-name", required=True, help="run name; re-running the same name resumes it")
+    fit.add_argument("--storage", required=True, help="where runs live: local path, file:// or s3://bucket/prefix")
+    fit.add_argument("--workers", type=int, default=1, help="Ray Train workers (one per GPU)")
+    fit.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override a config field, e.g. --set optim.peak_lr=3e-4 --set strategy=zero2")
+    fit.set_defaults(func=_cmd_fit)
+
     d = sub.add_parser("demo", help="the main job on the embedded default: synth -> shard -> stats -> stream")
     d.add_argument("--workdir", default="outputs/demo")
     d.add_argument("--seed", type=int, default=0)
@@ -138,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
         # User-facing errors carry the problem and the fix; no traceback unless asked for.
         if args.verbose:
             raise

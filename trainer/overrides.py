@@ -64,9 +64,10 @@ def _field_types(obj: Any) -> dict[str, Any]:
     return typing.get_type_hints(type(obj))
 
 
-def apply_override(cfg: Any, key: str, text: str) -> Any:
+def apply_override(cfg: Any, key: str, text: str, *, full_key: str | None = None) -> Any:
     """Return a copy of `cfg` with dotted field `key` set from `text`."""
     head, _, rest = key.partition(".")
+    key = full_key or key
     names = [f.name for f in dataclasses.fields(cfg)]
     if head not in names:
         hint = difflib.get_close_matches(head, names, n=1)
@@ -76,7 +77,7 @@ def apply_override(cfg: Any, key: str, text: str) -> Any:
     if rest:
         if not dataclasses.is_dataclass(current):
             raise ValueError(f"--set {key}: {head!r} is not a nested config")
-        return dataclasses.replace(cfg, **{head: apply_override(current, rest, text)})
+        return dataclasses.replace(cfg, **{head: apply_override(current, rest, text, full_key=key)})
     if dataclasses.is_dataclass(current):
         raise ValueError(f"--set {key}: {head!r} is a nested config; set one of its fields, e.g. {key}.<field>")
     return dataclasses.replace(cfg, **{head: _parse(text, _field_types(cfg)[head], key)})

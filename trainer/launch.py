@@ -1,0 +1,94 @@
+"""`b1k-train fit`: prepare data on the driver, then run the training loop on a Ray Train worker group.
+
+Connects to the Ray cluster in RAY_ADDRESS or starts a local one. The run lives at <storage>/<run-name>;
+re-running the same name and storage resumes from its latest committed checkpoint (Ray restores the
+controller's checkpoint snapshot from storage).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+from data_loaders import storage
+from trainer.config import TrainConfig
+from trainer.data_prep import prepare_data
+
+log = logging.getLogger(__name__)
+
+
+def ray_storage(url: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray's RunConfig from a local path, file:// or s3:// URL."""
+    fs, path = storage.resolve(url)
+    if storage.is_local(fs):
+        os.makedirs(path, exist_ok=True)
+        return os.path.abspath(path), None
+    import pyarrow.fs as pafs
+
+    # Ray writes through a pyarrow filesystem; wrapping fsspec keeps AWS_ENDPOINT_URL / credentials handling.
+    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def check_storage_writable(url: str) -> None:
+    """Fail early, with the fix, when the run's storage cannot be written."""
+    fs, path = storage.resolve(storage.join(url, ".b1k-write-check"))
+    try:
+        storage.write_bytes_atomic(fs, path, b"ok")
+        fs.rm(path)
+    except Exception as e:  # noqa: BLE001 - any backend error means the same thing to the user
+        raise PermissionError(f"cannot write to --storage {url} ({type(e).__name__}: {e}); check the URL, the "
+                              f"bucket's existence and your credentials (AWS_* variables, AWS_ENDPOINT_URL)") from e
+
+
+def init_ray(num_workers: int) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # A fresh local cluster; "local" never attaches to a stale one left by a killed head.
+        ray.init(address="local", num_cpus=max(num_workers + 1, os.cpu_count() or 2), include_dashboard=False,
+                 log_to_driver=True)
+
+
+def fit(cfg: TrainConfig, *, run_name: str, storage_url: str, num_workers: int) -> dict[str, Any]:
+    """Train (or resume) run `run_name` under `storage_url` on `num_workers` Ray workers; returns a summary."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if num_workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {num_workers}")
+    cfg.grad_accum_steps(num_workers)  # raises if the global batch cannot be split over the workers
+    check_storage_writable(storage_url)
+    run_dir = storage.join(storage_url, run_name)
+    data = prepare_data(cfg, run_dir)
+    from trainer.loop import train_loop
+
+    init_ray(num_workers)
+    use_gpu = torch.cuda.is_available()
+    storage_path, storage_fs = ray_storage(storage_url)
+    tracking_dir = os.path.join(tempfile.gettempdir(), "b1k-train-mlflow", run_name) \
+        if not storage.is_local(storage.resolve(storage_url)[0]) else os.path.join(storage_path, run_name, "mlflow")
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": cfg, "data": data, "run_dir": run_dir, "run_name": run_name,
+                           "tracking_dir": tracking_dir},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=600),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": 1} if not use_gpu else None),
+        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last)),
+    )
+    result = trainer.fit()
+    summary = {"run_dir": run_dir, "checkpoint": result.checkpoint.path if result.checkpoint else None,
+               "metrics": dict(result.metrics or {})}
+    log.info("run %s finished: %s", run_name, summary)
+    return summary

@@ -1,0 +1,157 @@
+"""The per-worker training loop (runs inside each Ray Train worker; also callable without Ray for tests).
+
+build (data, model on meta -> parallelize -> materialize/load, optimizer) -> restore -> plain loop:
+    lr for the step -> grad-accumulated forward/backward -> clip + step + EMA -> log -> checkpoint.
+Randomness of a step (flow noise and times) comes from a generator keyed by (seed, step, rank, micro-step), so
+a resumed run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from checkpoints.manager import CheckpointManager
+from data_loaders.norm_stats import NormStats
+from data_loaders.stream import StreamConfig, StreamLoader
+from models.pi_behavior.config import get_config
+from models.pi_behavior.fast import FastTokenizer
+from models.pi_behavior.flops import flops_per_sample
+from models.pi_behavior.model import PiBehavior
+from trainer import optim
+from trainer.config import TrainConfig
+from trainer.overrides import flatten
+from trainer.parallel import build_engine, select_device_and_backend, select_precision
+from trainer.progress import ProgressLine
+from trainer.tracking import make_tracker
+
+log = logging.getLogger(__name__)
+
+
+def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
+    digest = hashlib.blake2b(f"{seed}/{step}/{rank}/{micro}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def build_model_fn(cfg: TrainConfig):
+    model_cfg = get_config(cfg.model)
+    return lambda: PiBehavior(model_cfg)
+
+
+def make_init_fn(cfg: TrainConfig, norm: NormStats, device: torch.device):
+    def init(model: PiBehavior) -> None:
+        if any(p.is_meta for p in model.parameters()):
+            model.to_empty(device=device)
+        model.init_weights()
+        if cfg.init_from:
+            from models.pi_behavior import weights
+
+            kind, _, path = cfg.init_from.partition(":")
+            report = (weights.load_paligemma if kind == "paligemma" else weights.load_pi05)(model, path)
+            log.info("initialised from %s: %s", cfg.init_from, report.summary())
+        model.set_action_correlation(torch.as_tensor(norm.action_correlation_cholesky))
+    return init
+
+
+def _mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point. loop_config: {"config": TrainConfig, "data": DataArtifacts, "run_dir": URL,
+    "run_name": str, "tracking_dir": local dir for the default MLflow store}."""
+    import ray.train
+
+    cfg: TrainConfig = loop_config["config"]
+    data = loop_config["data"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed + rank)
+    device, _ = select_device_and_backend()
+    precision = select_precision(cfg.precision, device)
+    accum = cfg.grad_accum_steps(world)
+    model_cfg = get_config(cfg.model)
+
+    norm = NormStats.load(data.norm_stats)
+    fast = FastTokenizer.load(data.fast_tokenizer)
+    loader = StreamLoader(data.shards, StreamConfig(
+        batch_size=cfg.micro_batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
+        shards_per_group=cfg.data.shards_per_group, train=cfg.data.augment), rank=rank, world_size=world,
+        norm_stats=norm, fast_tokenizer=fast, max_fast_tokens=model_cfg.max_fast_tokens)
+    groups_holder: dict[str, list[dict]] = {}
+
+    def param_groups(model):
+        groups_holder["groups"] = optim.build_param_groups(model, cfg.optim)
+        return groups_holder["groups"]
+
+    engine = build_engine(cfg.strategy, build_model_fn(cfg), init_fn=make_init_fn(cfg, norm, device),
+                          param_groups_fn=param_groups, optimizer_fn=lambda g: optim.build_optimizer(g, cfg.optim),
+                          precision=precision, grad_accum_steps=accum, grad_clip_norm=cfg.optim.grad_clip_norm,
+                          activation_checkpointing=cfg.activation_checkpointing, ema_decay=cfg.optim.ema_decay,
+                          micro_batch_size=cfg.micro_batch_size)
+    groups = groups_holder["groups"]
+    config_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flatten(cfg).items()}
+    manager = CheckpointManager(engine=engine, loader=loader, config_dict=config_dict, rank=rank, world_size=world,
+                                run_dir_url=loop_config["run_dir"], keep_period=cfg.keep_period,
+                                workers_per_rank=max(1, cfg.data.num_workers))
+    step = manager.restore()
+    tracker = make_tracker(rank)
+    manager.tracking_run_id = tracker.start(run_dir_uri=loop_config["run_dir"], experiment="b1k-train",
+                                            run_name=loop_config["run_name"],
+                                            resume_run_id=manager.tracking_run_id,
+                                            tracking_uri=None, local_dir=loop_config["tracking_dir"])
+    if step == 0:
+        tracker.log_params({k: str(v) for k, v in config_dict.items()})
+    flops = flops_per_sample(model_cfg)["total"]
+    progress = ProgressLine(total_steps=cfg.num_steps, start_step=step, enabled=rank == 0)
+    it = iter(loader)
+    window: dict[str, float] = {}
+    metrics: dict[str, float] = {}
+    while step < cfg.num_steps:
+        engine.set_lrs(optim.group_lrs(step, groups, cfg.optim))
+        t_start = time.perf_counter()
+        data_wait = 0.0
+        sums: dict[str, float] = {}
+        for micro in range(accum):
+            t0 = time.perf_counter()
+            batch = next(it)
+            data_wait += time.perf_counter() - t0
+            out = engine.forward_backward(batch, generator=step_generator(cfg.seed, step, rank, micro),
+                                          is_last_micro=micro == accum - 1)
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / accum
+        t_fb = time.perf_counter()
+        grad_norm = engine.step()
+        t_end = time.perf_counter()
+        step += 1
+        for k, v in {**sums, "grad_norm": grad_norm, "time/data_wait_s": data_wait,
+                     "time/forward_backward_s": t_fb - t_start - data_wait, "time/optimizer_s": t_end - t_fb,
+                     "time/step_s": t_end - t_start}.items():
+            window[k] = window.get(k, 0.0) + float(v)
+        window["_n"] = window.get("_n", 0.0) + 1
+        if step % cfg.log_every == 0 or step == cfg.num_steps:
+            n = window.pop("_n")
+            metrics = _mean_across_ranks({k: v / n for k, v in window.items()}, device)
+            window = {}
+            step_s = metrics["time/step_s"]
+            metrics["samples_per_s"] = cfg.global_batch_size / step_s
+            metrics["mfu"] = flops * cfg.global_batch_size / step_s / (cfg.peak_tflops_per_worker * 1e12 * world)
+            metrics["data_wait_share"] = metrics["time/data_wait_s"] / step_s
+            for g, lr in zip(groups, optim.group_lrs(step - 1, groups, cfg.optim)):
+                metrics[f"lr/{g['name']}"] = lr
+            tracker.log_metrics(metrics, step=step)
+            progress.update(step, metrics)
+        if step % cfg.save_every == 0 or step == cfg.num_steps:
+            manager.save(step, {k: v for k, v in metrics.items() if not k.startswith("lr/")})
+    tracker.end()
+    progress.close()
