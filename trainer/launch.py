@@ -54,7 +54,7 @@ def init_ray(num_workers: int) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         # A fresh local cluster; "local" never attaches to a stale one left by a killed head.
-        ray.init(address="local", num_cpus=max(num_workers + 1, os.cpu_count() or 2), include_dashboard=False,
+        ray.init(address="local", num_cpus=max(num_workers + 1, os.cpu_count() or 2), dashboard_host="127.0.0.1",
                  log_to_driver=True)
 
 

@@ -54,7 +54,7 @@ def make_init_fn(cfg: TrainConfig, norm: NormStats, device: torch.device):
             kind, _, path = cfg.init_from.partition(":")
             report = (weights.load_paligemma if kind == "paligemma" else weights.load_pi05)(model, path)
             log.info("initialised from %s: %s", cfg.init_from, report.summary())
-        model.set_action_correlation(torch.as_tensor(norm.action_correlation_cholesky))
+        model.set_action_correlation(torch.tensor(norm.action_correlation_cholesky))
     return init
 
 
@@ -114,6 +114,18 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         tracker.log_params({k: str(v) for k, v in config_dict.items()})
     flops = flops_per_sample(model_cfg)["total"]
     progress = ProgressLine(total_steps=cfg.num_steps, start_step=step, enabled=rank == 0)
+    try:
+        _run_steps(cfg, engine, loader, manager, tracker, progress, groups, step, accum, rank, world, flops,
+                   device)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end()
+    progress.close()
+
+
+def _run_steps(cfg, engine, loader, manager, tracker, progress, groups, step, accum, rank, world, flops,
+               device) -> None:
     it = iter(loader)
     window: dict[str, float] = {}
     metrics: dict[str, float] = {}
@@ -152,6 +164,5 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             tracker.log_metrics(metrics, step=step)
             progress.update(step, metrics)
         if step % cfg.save_every == 0 or step == cfg.num_steps:
+            manager.tracking_run_id = tracker.run_id  # may appear late if the server was down at start
             manager.save(step, {k: v for k, v in metrics.items() if not k.startswith("lr/")})
-    tracker.end()
-    progress.close()

@@ -42,10 +42,11 @@ def pi_behavior_debug() -> TrainConfig:
     return TrainConfig(
         recipe="pi_behavior_debug",
         model="tiny",
-        data=DataConfig(shards="", synth_tasks=(0, 1, 40), synth_episodes_per_task=2, synth_frames=90,
-                        num_workers=1, shards_per_group=2),
+        # Two short episodes: small enough that a few dozen CPU steps fit them (the learning check).
+        data=DataConfig(shards="", synth_tasks=(0,), synth_episodes_per_task=2, synth_frames=48,
+                        synth_samples_per_shard=8, num_workers=1, shards_per_group=2),
         optim=OptimConfig(peak_lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-10, grad_clip_norm=1.0,
-                          warmup_steps=5, decay_steps=60, final_lr=3e-4, ema_decay=0.99),
+                          warmup_steps=5, decay_steps=60, final_lr=3e-4, ema_decay=0.9),
         strategy="ddp",
         precision="fp32",
         global_batch_size=8,

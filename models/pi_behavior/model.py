@@ -220,6 +220,20 @@ class PiBehavior(nn.Module):
     # --- inference -----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
+    def expected_actions(self, batch: dict[str, torch.Tensor], *, generator: torch.Generator | None = None
+                         ) -> torch.Tensor:
+        """One-step estimate of E[actions | observation] (B, H, A), normalised.
+
+        At t = 1 the input is pure noise z, and the trained velocity is E[z - a | obs, z] = z - E[a | obs], so
+        z - v(z, 1) is the conditional mean: a cheap, sampling-free quantity for offline evaluation.
+        """
+        _, ks, vs, valid, _ = self.prefix_cache(batch, with_fast=False)
+        b = ks.shape[1]
+        z = self.noise.sample((b,), generator=generator)
+        v = self.run_expert(z[:, None], torch.ones(b, 1, device=z.device), ks, vs, valid)[:, 0]
+        return z - v
+
+    @torch.no_grad()
     def sample_actions(self, batch: dict[str, torch.Tensor], *, num_steps: int | None = None,
                        initial_actions: torch.Tensor | None = None, generator: torch.Generator | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
