@@ -112,11 +112,17 @@ class CheckpointManager:
 
     # --- restore ---------------------------------------------------------------------------------------------
 
-    def restore(self) -> int:
-        """Collective: load the latest committed checkpoint if there is one; returns the step to start from."""
+    def restore(self, path: str | None = None) -> int:
+        """Collective: load checkpoint `path` (a URL), else the latest committed one; returns the start step."""
         import ray.train
 
-        ckpt = ray.train.get_checkpoint()
+        if path is not None:
+            fs, p = storage.resolve(path)
+            if not fs.exists(storage.join(p, TRAIN_STATE)):
+                raise FileNotFoundError(f"{path} is not a committed b1k-train checkpoint (no {TRAIN_STATE})")
+            ckpt = ray.train.Checkpoint(p, filesystem=None if storage.is_local(fs) else _pyarrow_fs(fs))
+        else:
+            ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return 0
         with ckpt.as_directory() as d:
@@ -132,6 +138,12 @@ class CheckpointManager:
         self.restored_from = ckpt.path
         log.info("resumed from %s at step %d", ckpt.path, state["step"])
         return int(state["step"])
+
+
+def _pyarrow_fs(fs):
+    import pyarrow.fs as pafs
+
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 def read_train_state(checkpoint_dir: str) -> dict[str, Any]:

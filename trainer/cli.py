@@ -77,6 +77,17 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from trainer.launch import export
+    from trainer.overrides import apply_overrides
+    from trainer.recipes import get_recipe
+
+    cfg = apply_overrides(get_recipe(args.recipe), args.set or [])
+    out = export(cfg, run_name=args.run_name, storage_url=args.storage, checkpoint=args.checkpoint, out=args.out)
+    print(f"exported to {out}")
+    return 0
+
+
 def _recipes_epilog() -> str:
     from trainer.recipes import recipes_help
 
@@ -150,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a config field, e.g. --set optim.peak_lr=3e-4 --set strategy=zero2")
     fit.set_defaults(func=_cmd_fit)
+
+    ex = sub.add_parser("export", help="write the serving artifact (EMA weights, config, norm stats, FAST "
+                        "tokenizer) of a run's checkpoint", epilog=_recipes_epilog())
+    ex.add_argument("recipe", help="the recipe the run was trained with")
+    ex.add_argument("--run-name", required=True)
+    ex.add_argument("--storage", required=True)
+    ex.add_argument("--checkpoint", default=None, help="checkpoint URL (default: the run's latest committed one)")
+    ex.add_argument("--out", default=None, help="artifact URL (default: <run>/exports/step_<n>)")
+    ex.add_argument("--set", action="append", metavar="KEY=VALUE", help="the overrides the run was trained with")
+    ex.set_defaults(func=_cmd_export)
 
     d = sub.add_parser("demo", help="the main job on the embedded default: synth -> shard -> stats -> stream")
     d.add_argument("--workdir", default="outputs/demo")

@@ -53,12 +53,15 @@ def init_ray(num_workers: int) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # A fresh local cluster; "local" never attaches to a stale one left by a killed head.
+        # A fresh local cluster; "local" never attaches to a stale one left by a killed head. Its workers get the
+        # driver's storage/tracking endpoints (a remote cluster has its own runtime environment instead).
+        passthrough = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MLFLOW_"))}
         ray.init(address="local", num_cpus=max(num_workers + 1, os.cpu_count() or 2), dashboard_host="127.0.0.1",
-                 log_to_driver=True)
+                 log_to_driver=True, runtime_env={"env_vars": passthrough})
 
 
-def fit(cfg: TrainConfig, *, run_name: str, storage_url: str, num_workers: int) -> dict[str, Any]:
+def fit(cfg: TrainConfig, *, run_name: str, storage_url: str, num_workers: int,
+        loop_extra: dict[str, Any] | None = None, data_run_dir: str | None = None) -> dict[str, Any]:
     """Train (or resume) run `run_name` under `storage_url` on `num_workers` Ray workers; returns a summary."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -68,7 +71,7 @@ def fit(cfg: TrainConfig, *, run_name: str, storage_url: str, num_workers: int) 
     cfg.grad_accum_steps(num_workers)  # raises if the global batch cannot be split over the workers
     check_storage_writable(storage_url)
     run_dir = storage.join(storage_url, run_name)
-    data = prepare_data(cfg, run_dir)
+    data = prepare_data(cfg, data_run_dir or run_dir)
     from trainer.loop import train_loop
 
     init_ray(num_workers)
@@ -79,7 +82,8 @@ def fit(cfg: TrainConfig, *, run_name: str, storage_url: str, num_workers: int) 
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": cfg, "data": data, "run_dir": run_dir, "run_name": run_name,
-                           "tracking_dir": tracking_dir},
+                           "tracking_dir": tracking_dir, "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
+                           **(loop_extra or {})},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=600),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": 1} if not use_gpu else None),
@@ -92,3 +96,34 @@ def fit(cfg: TrainConfig, *, run_name: str, storage_url: str, num_workers: int) 
                "metrics": dict(result.metrics or {})}
     log.info("run %s finished: %s", run_name, summary)
     return summary
+
+
+def latest_committed_checkpoint(run_dir_url: str) -> str:
+    """URL of the newest checkpoint Ray registered for the run (from its checkpoint manager snapshot)."""
+    import re
+
+    fs, path = storage.resolve(run_dir_url)
+    snapshot = storage.join(path, "checkpoint_manager_snapshot.json")
+    if not fs.exists(snapshot):
+        raise FileNotFoundError(f"{run_dir_url} has no committed checkpoint yet (no checkpoint_manager_snapshot.json)")
+    steps = [int(s) for s in re.findall(r"checkpoint_(\d{9})", fs.cat_file(snapshot).decode())]
+    if not steps:
+        raise FileNotFoundError(f"{run_dir_url}: the checkpoint snapshot lists no checkpoint")
+    return storage.join(run_dir_url, f"checkpoint_{max(steps):09d}")
+
+
+def export(cfg: TrainConfig, *, run_name: str, storage_url: str, checkpoint: str | None = None,
+           out: str | None = None) -> str:
+    """Write the serving artifact of a checkpoint (default: the run's latest) with a worker group of the size
+    that trained it, restoring through the same engine code as training; returns the artifact URL."""
+    from checkpoints.manager import read_train_state
+
+    run_dir = storage.join(storage_url, run_name)
+    ckpt = checkpoint or latest_committed_checkpoint(run_dir)
+    state = read_train_state(ckpt)
+    out = out or storage.join(run_dir, "exports", f"step_{state['step']:09d}")
+    scratch = tempfile.mkdtemp(prefix="b1k-export-run-")
+    fit(cfg, run_name=f"export-{run_name}-{state['step']}", storage_url=scratch,
+        num_workers=int(state["world_size"]), data_run_dir=run_dir,
+        loop_extra={"export_only": True, "restore_from": ckpt, "export_to": out})
+    return out

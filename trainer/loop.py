@@ -104,24 +104,44 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     manager = CheckpointManager(engine=engine, loader=loader, config_dict=config_dict, rank=rank, world_size=world,
                                 run_dir_url=loop_config["run_dir"], keep_period=cfg.keep_period,
                                 workers_per_rank=max(1, cfg.data.num_workers))
-    step = manager.restore()
+    step = manager.restore(loop_config.get("restore_from"))
     tracker = make_tracker(rank)
     manager.tracking_run_id = tracker.start(run_dir_uri=loop_config["run_dir"], experiment="b1k-train",
                                             run_name=loop_config["run_name"],
                                             resume_run_id=manager.tracking_run_id,
-                                            tracking_uri=None, local_dir=loop_config["tracking_dir"])
+                                            tracking_uri=loop_config.get("tracking_uri"),
+                                            local_dir=loop_config["tracking_dir"])
     if step == 0:
         tracker.log_params({k: str(v) for k, v in config_dict.items()})
     flops = flops_per_sample(model_cfg)["total"]
     progress = ProgressLine(total_steps=cfg.num_steps, start_step=step, enabled=rank == 0)
     try:
-        _run_steps(cfg, engine, loader, manager, tracker, progress, groups, step, accum, rank, world, flops,
-                   device)
+        if not loop_config.get("export_only"):
+            _run_steps(cfg, engine, loader, manager, tracker, progress, groups, step, accum, rank, world, flops,
+                       device)
+        _export(engine, cfg, model_cfg, config_dict, data, loop_config, rank, tracker,
+                step=max(step, cfg.num_steps) if not loop_config.get("export_only") else step)
     except BaseException:
         tracker.end("FAILED")
         raise
     tracker.end()
     progress.close()
+
+
+def _export(engine, cfg, model_cfg, config_dict, data, loop_config, rank, tracker, *, step: int) -> None:
+    """Collective: gather the EMA weights (raw weights without EMA) and write the serving artifact on rank 0."""
+    from checkpoints.export import export_artifact
+
+    state = engine.full_model_state_dict(ema=cfg.optim.ema_decay is not None)
+    if rank != 0:
+        return
+    out = loop_config.get("export_to") or f"{loop_config['run_dir']}/export"
+    export_artifact(out, state_dict=state, model_config_name=cfg.model, model_config=model_cfg,
+                    train_config=config_dict, norm_stats_url=data.norm_stats, fast_tokenizer_url=data.fast_tokenizer,
+                    step=step)
+    log.info("exported the serving artifact of step %d to %s", step, out)
+    print(f"[train] exported step {step} to {out}", flush=True)
+    tracker.log_dict({"export": out, "global_step": step}, "export.json")
 
 
 def _run_steps(cfg, engine, loader, manager, tracker, progress, groups, step, accum, rank, world, flops,

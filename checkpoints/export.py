@@ -1,0 +1,95 @@
+"""Serving artifacts: a self-contained directory a policy server (or `load_exported`) needs nothing else for.
+
+    model.safetensors      EMA weights, unsharded, fp32
+    config.json            {"model_type": "pi_behavior", "model_config": name, "model": architecture fields,
+                            "train": the flattened training config}
+    norm_stats.json        the normalisation statistics the model was trained with
+    fast_tokenizer/        FAST tokenizer files (tokenizer.json, fast_config.json)
+    state.json             {"global_step": n}
+
+Files are written to a local staging directory and uploaded, with state.json last: a reader that finds
+state.json finds a complete artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from data_loaders import storage
+
+MODEL_FILE, CONFIG_FILE, STATE_FILE, NORM_FILE, FAST_DIR = (
+    "model.safetensors", "config.json", "state.json", "norm_stats.json", "fast_tokenizer")
+
+
+def _copy_url(src: str, dst_local: str) -> None:
+    fs, path = storage.resolve(src)
+    if fs.isdir(path):
+        fs.get(path, dst_local, recursive=True)
+    else:
+        fs.get(path, dst_local)
+
+
+def export_artifact(out_url: str, *, state_dict: dict[str, torch.Tensor], model_config_name: str,
+                    model_config: Any, train_config: dict[str, Any], norm_stats_url: str,
+                    fast_tokenizer_url: str, step: int) -> str:
+    """Write a serving artifact for `state_dict` to `out_url` (local or s3://); returns out_url."""
+    staging = tempfile.mkdtemp(prefix="b1k-export-")
+    try:
+        save_file({k: v.detach().to(torch.float32).contiguous().cpu() for k, v in state_dict.items()},
+                  os.path.join(staging, MODEL_FILE))
+        config = {"model_type": "pi_behavior", "model_config": model_config_name,
+                  "model": dataclasses.asdict(model_config), "train": train_config}
+        with open(os.path.join(staging, CONFIG_FILE), "w") as f:
+            json.dump(config, f, indent=1, sort_keys=True, default=list)
+        _copy_url(norm_stats_url, os.path.join(staging, NORM_FILE))
+        _copy_url(fast_tokenizer_url, os.path.join(staging, FAST_DIR))
+        fs, path = storage.resolve(out_url)
+        if storage.is_local(fs):
+            os.makedirs(path, exist_ok=True)
+        for name in sorted(os.listdir(staging)):  # state.json is not there yet: it goes last
+            src = os.path.join(staging, name)
+            fs.put(src, storage.join(path, name), recursive=os.path.isdir(src))
+        storage.write_bytes_atomic(fs, storage.join(path, STATE_FILE),
+                                   json.dumps({"global_step": int(step)}).encode())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_url
+
+
+def load_exported(url: str, *, device: str = "cpu"):
+    """(PiBehavior with the exported weights and noise correlation, NormStats, FastTokenizer, config dict)."""
+    from data_loaders.norm_stats import NormStats
+    from models.common.gemma import GemmaConfig
+    from models.common.siglip import SiglipConfig
+    from models.pi_behavior.config import PiBehaviorConfig
+    from models.pi_behavior.fast import FastTokenizer
+    from models.pi_behavior.model import PiBehavior
+
+    fs, path = storage.resolve(url)
+    if not fs.exists(storage.join(path, STATE_FILE)):
+        raise FileNotFoundError(f"{url} is not a complete b1k-train export (no {STATE_FILE}); re-run the export")
+    config = json.loads(fs.cat_file(storage.join(path, CONFIG_FILE)))
+    m = dict(config["model"])
+    m["vision"], m["vlm"], m["expert"] = SiglipConfig(**m["vision"]), GemmaConfig(**m["vlm"]), \
+        GemmaConfig(**m["expert"])
+    m["task_num_stages"] = tuple(m["task_num_stages"])
+    model = PiBehavior(PiBehaviorConfig(**m))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, MODEL_FILE)
+        fs.get(storage.join(path, MODEL_FILE), local)
+        missing, unexpected = model.load_state_dict(load_file(local), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{url}: weights do not match the config: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}")
+    norm = NormStats.load(storage.join(url, NORM_FILE))
+    model.set_action_correlation(torch.tensor(norm.action_correlation_cholesky))
+    fast = FastTokenizer.load(storage.join(url, FAST_DIR))
+    return model.to(device).eval(), norm, fast, config
