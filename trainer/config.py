@@ -45,7 +45,7 @@ class DataConfig:
 class TrainConfig:
     recipe: str  # registry name this config came from
     model: str = "full"  # pi-behavior architecture config: "tiny" | "full"
-    init_from: str = ""  # "" (random init) | "paligemma:<dir>" | "pi05:<model.safetensors>"
+    init_from: str = ""  # "" (random) | "paligemma:<dir>" | "pi05:<model.safetensors>" | "export:<artifact url>"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     strategy: str = "fsdp"  # ddp | fsdp | zero1 | zero2 | zero3
@@ -69,8 +69,8 @@ class TrainConfig:
             raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.model not in ("tiny", "full"):
             raise ValueError(f"model {self.model!r} is not a pi-behavior config; use tiny or full")
-        if self.init_from and not self.init_from.startswith(("paligemma:", "pi05:")):
-            raise ValueError(f"init_from {self.init_from!r} must start with 'paligemma:' or 'pi05:'")
+        if self.init_from and not self.init_from.startswith(("paligemma:", "pi05:", "export:")):
+            raise ValueError(f"init_from {self.init_from!r} must start with 'paligemma:', 'pi05:' or 'export:'")
         for name in ("global_batch_size", "micro_batch_size", "num_steps", "log_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

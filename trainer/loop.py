@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoints.manager import CheckpointManager
+from data_loaders import storage
 from data_loaders.norm_stats import NormStats
 from data_loaders.stream import StreamConfig, StreamLoader
 from models.pi_behavior.config import get_config
@@ -48,14 +49,28 @@ def make_init_fn(cfg: TrainConfig, norm: NormStats, device: torch.device):
         if any(p.is_meta for p in model.parameters()):
             model.to_empty(device=device)
         model.init_weights()
-        if cfg.init_from:
+        kind, _, path = cfg.init_from.partition(":")
+        if kind == "export":
+            # A b1k-train serving artifact (e.g. the 50-task pretrain for a fine-tune): every module's weights.
+            from checkpoints.export import MODEL_FILE
+            from trainer.parallel import load_full_state_dict
+
+            load_full_state_dict(model, read_safetensors(storage.join(path, MODEL_FILE)))
+            log.info("initialised from the export %s", path)
+        elif kind:
             from models.pi_behavior import weights
 
-            kind, _, path = cfg.init_from.partition(":")
             report = (weights.load_paligemma if kind == "paligemma" else weights.load_pi05)(model, path)
             log.info("initialised from %s: %s", cfg.init_from, report.summary())
         model.set_action_correlation(torch.tensor(norm.action_correlation_cholesky))
     return init
+
+
+def read_safetensors(url: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load as load_bytes
+
+    fs, path = storage.resolve(url)
+    return load_bytes(fs.cat_file(path))
 
 
 def _mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
