@@ -42,16 +42,17 @@ def pi_behavior_debug() -> TrainConfig:
     return TrainConfig(
         recipe="pi_behavior_debug",
         model="tiny",
-        # Two short episodes: small enough that a few dozen CPU steps fit them (the learning check).
-        data=DataConfig(shards="", synth_tasks=(0,), synth_episodes_per_task=2, synth_frames=48,
+        # One 60-frame episode (60 samples): small enough that ~100 CPU steps fit it, which is what the
+        # learning check needs; the real recipes stream the full dataset.
+        data=DataConfig(shards="", synth_tasks=(0,), synth_episodes_per_task=1, synth_frames=60,
                         synth_samples_per_shard=8, num_workers=1, shards_per_group=2),
         optim=OptimConfig(peak_lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-10, grad_clip_norm=1.0,
-                          warmup_steps=5, decay_steps=60, final_lr=3e-4, ema_decay=0.9),
+                          warmup_steps=5, decay_steps=120, final_lr=3e-4, ema_decay=0.9),
         strategy="ddp",
         precision="fp32",
         global_batch_size=8,
         micro_batch_size=4,
-        num_steps=60,
+        num_steps=120,
         log_every=5,
         save_every=20,
         keep_last=2,
