@@ -1,0 +1,104 @@
+"""trainer/parallel.py selection logic and argument checks, with faked device capabilities (no GPU, no processes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from trainer import parallel, parallel_zero
+
+CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
+
+
+def test_cpu_gets_gloo_and_the_environment_is_left_alone():
+    env = {}
+    assert parallel.select_device_and_backend(cuda_available=False, environ=env) == (CPU, "gloo")
+    assert env == {}
+
+
+def test_gpu_gets_nccl_on_the_local_rank_and_async_error_handling():
+    env = {"LOCAL_RANK": "3"}
+    assert parallel.select_device_and_backend(cuda_available=True, environ=env) == (torch.device("cuda", 3), "nccl")
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    device, _ = parallel.select_device_and_backend(cuda_available=True, local_rank=1, environ={})
+    assert device == torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("preset", [{"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}, {"TORCH_NCCL_BLOCKING_WAIT": "1"}])
+def test_explicit_nccl_settings_win(preset):
+    env = dict(preset)
+    parallel.select_device_and_backend(cuda_available=True, environ=env)
+    assert env == preset
+
+
+@pytest.mark.parametrize("requested, device, bf16, expected", [
+    ("auto", CPU, None, "fp32"),
+    ("auto", GPU, True, "bf16"),
+    ("auto", GPU, False, "fp32"),
+    ("bf16", CPU, None, "bf16"),
+    ("bf16", GPU, True, "bf16"),
+    ("fp32", GPU, True, "fp32"),
+])
+def test_precision(requested, device, bf16, expected):
+    assert parallel.select_precision(requested, device, bf16_supported=bf16) == expected
+
+
+def test_bad_precisions_are_named():
+    with pytest.raises(ValueError, match="does not support bf16"):
+        parallel.select_precision("bf16", GPU, bf16_supported=False)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        parallel.select_precision("fp16", CPU)
+
+
+def test_deepspeed_config():
+    cfg = parallel_zero.deepspeed_config(stage=2, precision="bf16", grad_accum_steps=4, grad_clip_norm=None,
+                                         micro_batch_size=8)
+    assert cfg["zero_optimization"] == {"stage": 2} and cfg["bf16"]["enabled"] is True
+    assert cfg["gradient_accumulation_steps"] == 4 and cfg["gradient_clipping"] == 0.0
+    assert cfg["train_micro_batch_size_per_gpu"] == 8 and cfg["zero_allow_untested_optimizer"] is True
+
+
+def test_build_engine_rejects_bad_arguments_before_touching_processes():
+    kw = dict(init_fn=None, param_groups_fn=None, optimizer_fn=None)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        parallel.build_engine("fsdp2", nn.Linear, **kw)
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        parallel.build_engine("ddp", nn.Linear, grad_accum_steps=0, **kw)
+
+
+def test_param_groups_must_cover_every_trainable_parameter_once():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    first, second = list(model[0].parameters()), list(model[1].parameters())
+    specs = parallel._group_specs(model, [{"params": first, "name": "a", "freeze": True}, {"params": second}])
+    assert specs == [{"name": "a", "params": ["0.weight", "0.bias"], "freeze": True},  # extra keys pass through
+                     {"name": "group1", "params": ["1.weight", "1.bias"]}]
+    with pytest.raises(ValueError, match="left 2 trainable parameters out"):
+        parallel._group_specs(model, [{"params": first}])
+    with pytest.raises(ValueError, match="more than one param group"):
+        parallel._group_specs(model, [{"params": first + second}, {"params": second}])
+    model[1].requires_grad_(False)  # frozen for good: may stay out of every group
+    assert [s["params"] for s in parallel._group_specs(model, [{"params": first}])] == [["0.weight", "0.bias"]]
+
+
+def test_names_lose_wrapper_prefixes():
+    assert parallel.clean_name("module.vlm_layers.0._checkpoint_wrapped_module.mlp.w") == "vlm_layers.0.mlp.w"
+
+
+class _CountingEngine(parallel.Engine):
+    def _forward_backward(self, batch, generator, is_last_micro):
+        return {}
+
+    def _step(self):
+        return 0.0
+
+
+def test_micro_step_bookkeeping():
+    engine = _CountingEngine(strategy="ddp", device=CPU, precision="fp32", grad_accum_steps=2, grad_clip_norm=None,
+                             group_names=[])
+    with pytest.raises(ValueError, match="does not match grad_accum_steps"):
+        engine.forward_backward({}, generator=None, is_last_micro=True)
+    engine._micro = 0
+    engine.forward_backward({}, generator=None, is_last_micro=False)
+    with pytest.raises(RuntimeError, match="after 1 of 2"):
+        engine.step()
