@@ -56,8 +56,9 @@ def init_ray(num_workers: int) -> None:
         # A fresh local cluster; "local" never attaches to a stale one left by a killed head. Its workers get the
         # driver's storage/tracking endpoints (a remote cluster has its own runtime environment instead).
         passthrough = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MLFLOW_"))}
+        # Everything binds to loopback: a one-machine cluster has no reason to listen on other interfaces.
         ray.init(address="local", num_cpus=max(num_workers + 1, os.cpu_count() or 2), dashboard_host="127.0.0.1",
-                 log_to_driver=True, runtime_env={"env_vars": passthrough})
+                 _node_ip_address="127.0.0.1", log_to_driver=True, runtime_env={"env_vars": passthrough})
 
 
 def fit(cfg: TrainConfig, *, run_name: str, storage_url: str, num_workers: int,

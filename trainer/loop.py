@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -93,6 +94,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed + rank)
     device, _ = select_device_and_backend()
+    if device.type == "cpu":
+        # Ranks sharing a host split its cores; default threading oversubscribes them several times over.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
     precision = select_precision(cfg.precision, device)
     accum = cfg.grad_accum_steps(world)
     model_cfg = get_config(cfg.model)

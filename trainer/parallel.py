@@ -90,12 +90,33 @@ def load_full_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
                          broadcast_from_rank0: bool = False) -> None:
     """Load a full (unsharded) state dict into `model` inside `init_fn`, for plain and FSDP-sharded models alike.
 
-    With `broadcast_from_rank0`, only rank 0 needs the weights (other ranks pass {}); Collective for FSDP.
+    Every rank passes the same full weights; each keeps its own slice of a sharded parameter, so no collective
+    runs (mismatched collectives during init are how gloo aborts a whole worker group). Names may carry wrapper
+    prefixes (activation checkpointing); every parameter and persistent buffer must be present with its shape.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast_from_rank0, strict=True)
-    set_model_state_dict(model, dict(state_dict), options=options)
+    if broadcast_from_rank0:
+        raise ValueError("broadcast_from_rank0 is not supported: give every rank the full weights")
+    own = {clean_name(n): t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    persistent = {clean_name(k) for k in model.state_dict()}
+    missing = sorted(k for k in own if k in persistent and k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in own)
+    wrong = sorted(k for k in state_dict if k in own and tuple(state_dict[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or wrong:
+        raise ValueError(f"weights do not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}, "
+                         f"wrong shape {wrong[:8]}")
+    with torch.no_grad():
+        for name, target in own.items():
+            if name not in state_dict:
+                continue
+            full = state_dict[name].to(dtype=target.dtype)
+            if isinstance(target, DTensor):
+                local = distribute_tensor(full.to(target.device_mesh.device_type), target.device_mesh,
+                                          target.placements, src_data_rank=None).to_local()
+                target.to_local().copy_(local)
+            else:
+                target.copy_(full.to(target.device))
 
 
 def clean_name(name: str) -> str:

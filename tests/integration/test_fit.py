@@ -1,0 +1,120 @@
+"""`b1k-train fit` on a real local Ray cluster with 2 gloo workers: strategies learn and agree, stop/resume is
+bitwise exact with storage on the S3 server, MLflow sees params/metrics on a real server, and bad input fails
+with a clear message."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from checkpoints.export import MODEL_FILE, load_exported
+from checkpoints.manager import read_train_state
+from data_loaders.stream import StreamConfig, StreamLoader
+from models.pi_behavior.config import tiny
+from models.pi_behavior.model import PiBehavior
+from trainer.data_prep import prepare_data
+from trainer.evaluate import action_mse_vs_mean_baseline
+from trainer.launch import fit, latest_committed_checkpoint
+from trainer.overrides import apply_overrides
+from trainer.recipes import get_recipe
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+STEPS = 120
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Shared data (synthetic dataset -> shards -> stats -> FAST) and a fixed initial model for every run."""
+    root = tmp_path_factory.mktemp("fit")
+    data = prepare_data(get_recipe("pi_behavior_debug"), str(root / "data-run"))
+    torch.manual_seed(1234)
+    init = root / "init"
+    init.mkdir()
+    save_file({k: v.contiguous() for k, v in PiBehavior(tiny()).state_dict().items()}, str(init / MODEL_FILE))
+    return data, str(init)
+
+
+def config(prepared, *extra: str):
+    data, init = prepared
+    return apply_overrides(get_recipe("pi_behavior_debug"), [
+        f"data.shards={data.shards}", f"init_from=export:{init}", f"num_steps={STEPS}", "save_every=50",
+        "log_every=1", *extra])
+
+
+def first_step_loss(run_dir: str) -> float:
+    from mlflow import MlflowClient
+
+    state = read_train_state(latest_committed_checkpoint(run_dir))
+    client = MlflowClient(f"sqlite:///{run_dir}/mlflow/mlflow.db")
+    return [m.value for m in client.get_metric_history(state["tracking_run_id"], "loss") if m.step == 1][0]
+
+
+_first_losses: dict[str, float] = {}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
+def test_strategy_learns_and_agrees_on_the_first_step(prepared, tmp_path, strategy):
+    data, _ = prepared
+    summary = fit(config(prepared, f"strategy={strategy}"), run_name=f"learn-{strategy}", storage_url=str(tmp_path),
+                  num_workers=2)
+    run_dir = summary["run_dir"]
+    model, norm, _, exported = load_exported(f"{run_dir}/export")
+    assert exported["train"]["strategy"] == strategy
+    batches = list(StreamLoader(data.shards, StreamConfig(batch_size=32, num_workers=0, train=False, num_epochs=1,
+                                                          shards_per_group=2), norm_stats=norm))
+    result = action_mse_vs_mean_baseline(model, batches)
+    assert result["action_mse"] < result["baseline_mse"], result
+    _first_losses[strategy] = first_step_loss(run_dir)
+    if len(_first_losses) > 1:
+        ref = _first_losses["ddp"] if "ddp" in _first_losses else next(iter(_first_losses.values()))
+        assert _first_losses[strategy] == pytest.approx(ref, rel=1e-4), _first_losses
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero2"])
+def test_stop_and_resume_is_bitwise_identical_with_s3_storage(prepared, s3_bucket, strategy):
+    straight = fit(config(prepared, f"strategy={strategy}", "num_steps=6", "save_every=3"),
+                   run_name=f"straight-{strategy}", storage_url=s3_bucket, num_workers=2)
+    fit(config(prepared, f"strategy={strategy}", "num_steps=3", "save_every=3"),
+        run_name=f"resumed-{strategy}", storage_url=s3_bucket, num_workers=2)
+    resumed = fit(config(prepared, f"strategy={strategy}", "num_steps=6", "save_every=3"),
+                  run_name=f"resumed-{strategy}", storage_url=s3_bucket, num_workers=2)
+    a = load_exported(f"{straight['run_dir']}/export")[0].state_dict()
+    b = load_exported(f"{resumed['run_dir']}/export")[0].state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    assert read_train_state(resumed["checkpoint"])["step"] == 6
+
+
+def test_mlflow_server_sees_params_and_a_resumed_run_appends(prepared, tmp_path, mlflow_server, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    cfg = config(prepared, "strategy=ddp", "num_steps=4", "save_every=2", "log_every=2")
+    first = fit(cfg, run_name="tracked", storage_url=str(tmp_path), num_workers=2)
+    run_id = read_train_state(first["checkpoint"])["tracking_run_id"]
+    fit(apply_overrides(cfg, ["num_steps=6"]), run_name="tracked", storage_url=str(tmp_path), num_workers=2)
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    assert run.data.params["strategy"] == "ddp" and run.data.params["optim.peak_lr"] == "0.003"
+    steps = sorted({m.step for m in client.get_metric_history(run_id, "loss")})
+    assert steps == [2, 4, 6]
+    for key in ("action_loss", "grad_norm", "samples_per_s", "mfu", "time/data_wait_s"):
+        assert client.get_metric_history(run_id, key), key
+
+
+def test_storage_without_permission_is_a_clear_error(prepared, s3_endpoint):
+    with pytest.raises(PermissionError, match="cannot write to --storage"):
+        fit(config(prepared), run_name="x", storage_url="s3://no-such-bucket-b1k/runs", num_workers=1)
+
+
+def test_export_command_rebuilds_the_same_artifact(prepared, tmp_path):
+    from trainer.launch import export
+
+    cfg = config(prepared, "strategy=fsdp", "num_steps=4", "save_every=4")
+    summary = fit(cfg, run_name="exp", storage_url=str(tmp_path), num_workers=2)
+    out = export(cfg, run_name="exp", storage_url=str(tmp_path), out=str(tmp_path / "again"))
+    a, b = load_file(os.path.join(summary["run_dir"], "export", MODEL_FILE)), load_file(os.path.join(out, MODEL_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
