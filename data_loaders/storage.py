@@ -23,7 +23,12 @@ def resolve(url: str) -> tuple[AbstractFileSystem, str]:
     """Return (filesystem, path inside it) for a local path, file:// or s3:// URL."""
     if not url:
         raise ValueError("empty storage URL: pass a local path, file://... or s3://bucket/prefix")
-    fs, path = fsspec.core.url_to_fs(url)
+    options = {}
+    if url.startswith(("s3://", "s3a://")) and os.environ.get("AWS_ENDPOINT_URL"):
+        # Bake the endpoint into the filesystem object: it is pickled to other processes (Ray's controller,
+        # workers) whose environment may not carry AWS_ENDPOINT_URL, and must never fall back to AWS itself.
+        options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+    fs, path = fsspec.core.url_to_fs(url, **options)
     return fs, path
 
 

@@ -7,6 +7,7 @@ s3fs/botocore via AWS_ENDPOINT_URL, so every process the tests start (DataLoader
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from typing import Iterator
 
@@ -24,6 +25,23 @@ os.environ.update({
 })
 for _k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
     os.environ.pop(_k, None)
+# Until the S3 fixture starts its server, S3 clients point at a closed loopback port: a test (or a process it
+# starts) that forgets the fixture fails fast here instead of reaching for AWS.
+os.environ["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"
+
+_LOOPBACK = ("127.", "localhost", "::1", "0.0.0.0")
+_real_getaddrinfo = socket.getaddrinfo
+
+
+def _loopback_only_getaddrinfo(host, *args, **kwargs):
+    """The suite talks to 127.0.0.1 only; resolving any other host is a bug, caught before a packet leaves."""
+    name = host.decode() if isinstance(host, bytes) else str(host)
+    if host is not None and not name.startswith(_LOOPBACK) and name != socket.gethostname():
+        raise OSError(f"test tried to resolve non-loopback host {name!r}; only 127.0.0.1 is allowed")
+    return _real_getaddrinfo(host, *args, **kwargs)
+
+
+socket.getaddrinfo = _loopback_only_getaddrinfo
 
 
 @pytest.fixture(scope="session")

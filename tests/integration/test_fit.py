@@ -26,8 +26,11 @@ STEPS = 120
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """Shared data (synthetic dataset -> shards -> stats -> FAST) and a fixed initial model for every run."""
+def prepared(tmp_path_factory, s3_endpoint):
+    """Shared data (synthetic dataset -> shards -> stats -> FAST) and a fixed initial model for every run.
+
+    Depends on the S3 endpoint so AWS_ENDPOINT_URL is set before the (session-wide) local Ray cluster starts.
+    """
     root = tmp_path_factory.mktemp("fit")
     data = prepare_data(get_recipe("pi_behavior_debug"), str(root / "data-run"))
     torch.manual_seed(1234)
