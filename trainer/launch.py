@@ -93,7 +93,9 @@ def fit(cfg: TrainConfig, *, run_name: str, storage_url: str, num_workers: int,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last)),
     )
     result = trainer.fit()
-    summary = {"run_dir": run_dir, "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    # Ray reports paths inside its filesystem (no scheme for S3); hand back URLs the rest of the CLI accepts.
+    checkpoint = storage.join(run_dir, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
+    summary = {"run_dir": run_dir, "checkpoint": checkpoint,
                "metrics": dict(result.metrics or {})}
     log.info("run %s finished: %s", run_name, summary)
     return summary

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -161,6 +162,12 @@ def _export(engine, cfg, model_cfg, config_dict, data, loop_config, rank, tracke
     log.info("exported the serving artifact of step %d to %s", step, out)
     print(f"[train] exported step {step} to {out}", flush=True)
     tracker.log_dict({"export": out, "global_step": step}, "export.json")
+    tracker.log_dict(config_dict, "config.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        fs, path = storage.resolve(data.norm_stats)
+        local = os.path.join(tmp, "norm_stats.json")
+        fs.get(path, local)
+        tracker.log_artifact(local)
 
 
 def _run_steps(cfg, engine, loader, manager, tracker, progress, groups, step, accum, rank, world, flops,
