@@ -61,13 +61,14 @@ def bare_loop(cfg, data, steps: int) -> float:
     return statistics.median(times[WARMUP:]) / cfg.global_batch_size
 
 
-def fit_run(cfg, workdir: str, steps: int) -> tuple[float, float]:
+def fit_run(cfg, workdir: str, steps: int, overrides: list[str]) -> tuple[float, float]:
     """(seconds per sample, data-wait share) of a 1-worker fit, from its logged step-time windows."""
     from mlflow import MlflowClient
 
     from checkpoints.manager import read_train_state
 
-    cfg = apply_overrides(cfg, [f"num_steps={WARMUP + steps}", "log_every=5", f"save_every={WARMUP + steps}"])
+    cfg = apply_overrides(cfg, [f"num_steps={WARMUP + steps}", "log_every=5", f"save_every={WARMUP + steps}",
+                                *overrides])
     summary = fit(cfg, run_name="bench", storage_url=workdir, num_workers=1)
     run_id = read_train_state(summary["checkpoint"])["tracking_run_id"]
     client = MlflowClient(f"sqlite:///{summary['run_dir']}/mlflow/mlflow.db")
@@ -83,13 +84,15 @@ def fit_run(cfg, workdir: str, steps: int) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for the fit run only, e.g. cpu_threads=2")
     args = ap.parse_args()
     workdir = tempfile.mkdtemp(prefix="b1k-trainer-bench-")
     cfg = get_recipe("pi_behavior_debug")
     data = prepare_data(cfg, os.path.join(workdir, "data-run"))
     cfg = apply_overrides(cfg, [f"data.shards={data.shards}"])
     bare = bare_loop(cfg, data, args.steps)
-    fitted, wait_share = fit_run(cfg, workdir, args.steps)
+    fitted, wait_share = fit_run(cfg, workdir, args.steps, args.set)
     print(f"\nmachine: {os.cpu_count()} CPU cores, torch {torch.__version__}")
     print(f"bare loop:         {1000 * bare:.2f} ms/sample ({1 / bare:.1f} samples/s)")
     print(f"b1k-train fit (1): {1000 * fitted:.2f} ms/sample ({1 / fitted:.1f} samples/s)")

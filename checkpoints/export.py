@@ -39,9 +39,13 @@ def _copy_url(src: str, dst_local: str) -> None:
 
 def export_artifact(out_url: str, *, state_dict: dict[str, torch.Tensor], model_config_name: str,
                     model_config: Any, train_config: dict[str, Any], norm_stats_url: str,
-                    fast_tokenizer_url: str, step: int) -> str:
-    """Write a serving artifact for `state_dict` to `out_url` (local or s3://); returns out_url."""
-    staging = tempfile.mkdtemp(prefix="b1k-export-")
+                    fast_tokenizer_url: str, step: int, keep_copy_in: str | None = None) -> str:
+    """Write a serving artifact for `state_dict` to `out_url` (local or s3://); returns out_url.
+
+    With `keep_copy_in` (an empty local directory) the same files, state.json included, also stay there, e.g.
+    for uploading to MLflow without reading the artifact back from object storage.
+    """
+    staging = keep_copy_in or tempfile.mkdtemp(prefix="b1k-export-")
     try:
         save_file({k: v.detach().to(torch.float32).contiguous().cpu() for k, v in state_dict.items()},
                   os.path.join(staging, MODEL_FILE))
@@ -57,10 +61,14 @@ def export_artifact(out_url: str, *, state_dict: dict[str, torch.Tensor], model_
         for name in sorted(os.listdir(staging)):  # state.json is not there yet: it goes last
             src = os.path.join(staging, name)
             fs.put(src, storage.join(path, name), recursive=os.path.isdir(src))
-        storage.write_bytes_atomic(fs, storage.join(path, STATE_FILE),
-                                   json.dumps({"global_step": int(step)}).encode())
+        state = json.dumps({"global_step": int(step)}).encode()
+        storage.write_bytes_atomic(fs, storage.join(path, STATE_FILE), state)
+        if keep_copy_in:
+            with open(os.path.join(staging, STATE_FILE), "wb") as f:
+                f.write(state)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not keep_copy_in:
+            shutil.rmtree(staging, ignore_errors=True)
     return out_url
 
 

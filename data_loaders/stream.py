@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_loaders import manifest as mf
 from data_loaders.augment import AugmentConfig
+from data_loaders.prefetch import BackgroundIterator
 from data_loaders.sample_format import SampleError, decode_sample
 from data_loaders.stream_plan import (
     Cursor,
@@ -52,13 +53,18 @@ class StreamConfig:
     drop_last: bool = False  # at the end of a finite stream, drop a final partial batch
     on_bad_shard: str = "error"  # "error": raise naming the shard; "skip": skip it and count it in metrics
     verify_checksums: bool = True  # sha256 of every shard against the manifest
-    prefetch_factor: int = 4
+    prefetch_factor: int = 4  # samples queued per DataLoader worker
+    # Collated batches a background thread of the training process keeps ready (0 = collate on demand).
+    prefetch_batches: int = 2
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.prefetch_factor < 1 or self.prefetch_batches < 0:
+            raise ValueError(f"prefetch_factor must be >= 1 and prefetch_batches >= 0, got {self.prefetch_factor}, "
+                             f"{self.prefetch_batches}")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"num_epochs must be >= 1 or None (endless), got {self.num_epochs}")
         if self.on_bad_shard not in ("error", "skip"):
@@ -163,6 +169,15 @@ def _as_is(item: Any) -> Any:
     return item
 
 
+@dataclasses.dataclass(frozen=True)
+class _Position:
+    """One rank's place in the stream after some batch: its slots' cursors, round-robin turn and counters."""
+
+    cursors: tuple[Cursor, ...]
+    next_local_slot: int
+    metrics: dict[str, int]
+
+
 def _collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     out = {}
     for key in samples[0]:
@@ -204,21 +219,37 @@ class StreamLoader:
         self._state = StreamState.fresh(fingerprint=self.fingerprint, seed=cfg.seed,
                                         shards_per_group=cfg.shards_per_group, num_slots=self.num_slots,
                                         num_ranks=world_size)
+        # What the consumer has received; the producer (possibly a thread, batches ahead) counts in _produced.
         self.metrics = {"samples": 0, "batches": 0, "skipped_samples": 0, "skipped_shards": 0}
-        self._skip_log: list[dict[str, Any]] = []
+        self._produced = dict(self.metrics)
+        # While iterating: this rank's position as of the last batch handed out (the producer's is further on).
+        self._consumed: _Position | None = None
 
     # --- state ---------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's position (its slots' cursors). Merge all ranks' dicts with merge_rank_states()."""
         g = self._state.to_dict()
-        w = self.workers_per_rank
-        lo = self.rank * w
+        pos = self._position()
         local = {k: g[k] for k in ("version", "fingerprint", "seed", "shards_per_group", "num_slots", "overrides")}
-        local["local_cursors"] = g["cursors"][lo:lo + w]
-        local["next_local_slot"] = g["next_local_slot"][self.rank]
+        local["local_cursors"] = [[c.epoch, c.item_pos, c.offset] for c in pos.cursors]
+        local["next_local_slot"] = pos.next_local_slot
         local["metrics"] = dict(self.metrics)
         return local
+
+    def _position(self) -> "_Position":
+        if self._consumed is not None:
+            return self._consumed
+        w = self.workers_per_rank
+        lo = self.rank * w
+        return _Position(tuple(self._state.cursors[lo:lo + w]), self._state.next_local_slot[self.rank],
+                         dict(self.metrics))
+
+    def _set_position(self, pos: "_Position") -> None:
+        lo = self.rank * self.workers_per_rank
+        self._state.cursors[lo:lo + self.workers_per_rank] = list(pos.cursors)
+        self._state.next_local_slot[self.rank] = pos.next_local_slot
+        self.metrics = dict(pos.metrics)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from a global state (merge_rank_states of every rank) or, on one rank, its own local state."""
@@ -239,12 +270,32 @@ class StreamLoader:
     @property
     def epoch(self) -> int:
         """The oldest epoch any slot of this rank is still in."""
-        w = self.workers_per_rank
-        return min(c.epoch for c in self._state.cursors[self.rank * w:(self.rank + 1) * w])
+        return min(c.epoch for c in self._position().cursors)
 
     # --- iteration -------------------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._consumed is not None:
+            raise RuntimeError("this StreamLoader is already being iterated; finish or close that iterator first")
+        start = self._position()
+        self._consumed = start
+        self._produced = dict(start.metrics)
+        source: Any = self._produce()
+        if self.cfg.prefetch_batches:
+            source = BackgroundIterator(source, self.cfg.prefetch_batches, name=f"stream-prefetch-rank{self.rank}")
+        try:
+            for batch, pos in source:
+                self._consumed = pos
+                self.metrics = dict(pos.metrics)
+                yield batch
+        finally:
+            source.close()
+            # The producer may be batches ahead: rewind to what was handed out, so the next iteration (or a
+            # checkpoint) continues exactly after the last batch the caller received.
+            end, self._consumed = self._consumed, None
+            self._set_position(end)
+
+    def _produce(self) -> Iterator[tuple[dict[str, torch.Tensor], "_Position"]]:
         ds = _ShardStream(self.manifest, self.planner, self._state, rank=self.rank,
                           num_workers=self.cfg.num_workers, transform=self.transform, cfg=self.cfg)
         if self.cfg.num_workers == 0:
@@ -279,13 +330,16 @@ class StreamLoader:
         finally:
             del source  # shuts the worker processes down
 
-    def _emit(self, buf: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        self.metrics["samples"] += len(buf)
-        self.metrics["batches"] += 1
-        return _collate(buf)
+    def _emit(self, buf: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], "_Position"]:
+        self._produced["samples"] += len(buf)
+        self._produced["batches"] += 1
+        w = self.workers_per_rank
+        lo = self.rank * w
+        pos = _Position(tuple(self._state.cursors[lo:lo + w]), self._state.next_local_slot[self.rank],
+                        dict(self._produced))
+        return _collate(buf), pos
 
     def _record_skip(self, info: dict[str, Any]) -> None:
-        self.metrics["skipped_samples"] += int(info["samples"])
-        self.metrics["skipped_shards"] += int(info["kind"] == "shard")
-        self._skip_log.append(info)
+        self._produced["skipped_samples"] += int(info["samples"])
+        self._produced["skipped_shards"] += int(info["kind"] == "shard")
         log.warning("skipped %d sample(s) of %s: %s", info["samples"], info["shard"], info["error"])

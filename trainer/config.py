@@ -51,6 +51,7 @@ class TrainConfig:
     strategy: str = "fsdp"  # ddp | fsdp | zero1 | zero2 | zero3
     precision: str = "auto"  # auto = bf16 on GPUs that support it, fp32 on CPU
     activation_checkpointing: bool = False
+    cpu_threads: int = 0  # torch intra-op threads per worker on CPU; 0 = its core share minus loader workers
     global_batch_size: int = 2048  # samples per optimizer step, fixed whatever the worker count
     micro_batch_size: int = 32  # samples per worker per forward/backward; accumulation fills the rest
     num_steps: int = 200_000
@@ -60,6 +61,7 @@ class TrainConfig:
     keep_last: int = 2  # committed checkpoints kept besides the keep_period ones
     keep_period: int = 4000  # checkpoints at multiples of this step are kept forever (0 = none)
     peak_tflops_per_worker: float = 989.0  # for MFU: H100 SXM dense bf16; set to your accelerator's
+    track_export: bool = True  # also upload the final export (weights included) to the MLflow run's artifacts
     max_failures: int = 3  # worker-group restarts before the run gives up
 
     def __post_init__(self) -> None:
@@ -77,6 +79,8 @@ class TrainConfig:
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"global_batch_size {self.global_batch_size} must be a multiple of micro_batch_size "
                              f"{self.micro_batch_size}")
+        if self.cpu_threads < 0:
+            raise ValueError(f"cpu_threads must be >= 0 (0 = automatic), got {self.cpu_threads}")
         if self.keep_last < 1 or self.keep_period < 0:
             raise ValueError("keep_last must be >= 1 and keep_period >= 0")
 

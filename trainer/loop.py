@@ -31,6 +31,7 @@ from trainer.config import TrainConfig
 from trainer.overrides import flatten
 from trainer.parallel import build_engine, select_device_and_backend, select_precision
 from trainer.progress import ProgressLine
+from trainer.resources import torch_threads
 from trainer.tracking import make_tracker
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     device, _ = select_device_and_backend()
     if device.type == "cpu":
         # Ranks sharing a host split its cores; default threading oversubscribes them several times over.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
+        torch.set_num_threads(torch_threads(requested=cfg.cpu_threads, cpu_count=os.cpu_count() or 1,
+                                            local_world_size=ctx.get_local_world_size(),
+                                            loader_workers=cfg.data.num_workers))
     precision = select_precision(cfg.precision, device)
     accum = cfg.grad_accum_steps(world)
     model_cfg = get_config(cfg.model)
@@ -156,18 +159,20 @@ def _export(engine, cfg, model_cfg, config_dict, data, loop_config, rank, tracke
     if rank != 0:
         return
     out = loop_config.get("export_to") or f"{loop_config['run_dir']}/export"
-    export_artifact(out, state_dict=state, model_config_name=cfg.model, model_config=model_cfg,
-                    train_config=config_dict, norm_stats_url=data.norm_stats, fast_tokenizer_url=data.fast_tokenizer,
-                    step=step)
-    log.info("exported the serving artifact of step %d to %s", step, out)
-    print(f"[train] exported step {step} to {out}", flush=True)
-    tracker.log_dict({"export": out, "global_step": step}, "export.json")
-    tracker.log_dict(config_dict, "config.json")
-    with tempfile.TemporaryDirectory() as tmp:
-        fs, path = storage.resolve(data.norm_stats)
-        local = os.path.join(tmp, "norm_stats.json")
-        fs.get(path, local)
-        tracker.log_artifact(local)
+    with tempfile.TemporaryDirectory(prefix="b1k-export-") as tmp:
+        export_artifact(out, state_dict=state, model_config_name=cfg.model, model_config=model_cfg,
+                        train_config=config_dict, norm_stats_url=data.norm_stats,
+                        fast_tokenizer_url=data.fast_tokenizer, step=step, keep_copy_in=tmp)
+        log.info("exported the serving artifact of step %d to %s", step, out)
+        print(f"[train] exported step {step} to {out}", flush=True)
+        if loop_config.get("export_only"):  # `b1k-train export` of some checkpoint: not the run's final model
+            return
+        tracker.log_dict({"export": out, "global_step": step}, "export.json")
+        tracker.log_dict(config_dict, "config.json")
+        tracker.log_artifact(os.path.join(tmp, "norm_stats.json"))
+        if cfg.track_export:
+            # The run then carries a loadable model (the registry registers runs:/<id>/export).
+            tracker.log_artifact(tmp, "export")
 
 
 def _run_steps(cfg, engine, loader, manager, tracker, progress, groups, step, accum, rank, world, flops,

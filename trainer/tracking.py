@@ -304,12 +304,16 @@ class Tracker:
             self._trim_metrics()
 
     def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        """Upload a file or directory into the run's artifacts (under `artifact_path`), in the caller's thread."""
+        """Upload a file, or a directory's contents, into the run's artifacts under `artifact_path`, in the
+        caller's thread."""
         self._check_started()
         if not os.path.exists(local_path):
             raise FileNotFoundError(f"artifact to log does not exist: {local_path}")
-        self._upload(f"log artifact {os.fspath(local_path)}",
-                     lambda: self._client.log_artifact(self._run_id, os.fspath(local_path), artifact_path))
+        if os.path.isdir(local_path):  # its contents go under artifact_path (the run's root when None)
+            upload = lambda: self._client.log_artifacts(self._run_id, os.fspath(local_path), artifact_path)  # noqa: E731
+        else:
+            upload = lambda: self._client.log_artifact(self._run_id, os.fspath(local_path), artifact_path)  # noqa: E731
+        self._upload(f"log artifact {os.fspath(local_path)}", upload)
 
     def log_dict(self, obj: Any, name: str) -> None:
         """Write `obj` as the run artifact `name`: YAML for .yaml/.yml, else JSON (non-JSON values via str)."""

@@ -4,6 +4,7 @@ with a clear message."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -95,10 +96,12 @@ def test_mlflow_server_sees_params_and_a_resumed_run_appends(prepared, tmp_path,
     from mlflow import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    cfg = config(prepared, "strategy=ddp", "num_steps=4", "save_every=2", "log_every=2")
+    cfg = config(prepared, "strategy=ddp", "num_steps=4", "save_every=2", "log_every=2", "keep_period=4",
+                 "keep_last=1")
     first = fit(cfg, run_name="tracked", storage_url=str(tmp_path), num_workers=2)
     run_id = read_train_state(first["checkpoint"])["tracking_run_id"]
-    fit(apply_overrides(cfg, ["num_steps=6"]), run_name="tracked", storage_url=str(tmp_path), num_workers=2)
+    second = fit(apply_overrides(cfg, ["num_steps=6"]), run_name="tracked", storage_url=str(tmp_path),
+                 num_workers=2)
     client = MlflowClient(mlflow_server)
     run = client.get_run(run_id)
     assert run.data.params["strategy"] == "ddp" and run.data.params["optim.peak_lr"] == "0.003"
@@ -106,6 +109,17 @@ def test_mlflow_server_sees_params_and_a_resumed_run_appends(prepared, tmp_path,
     assert steps == [2, 4, 6]
     for key in ("action_loss", "grad_norm", "samples_per_s", "mfu", "time/data_wait_s"):
         assert client.get_metric_history(run_id, key), key
+    # The final export travels with the run: the same bytes as the export in the run directory.
+    exported = {a.path for a in client.list_artifacts(run_id, "export")}
+    assert {"export/model.safetensors", "export/config.json", "export/norm_stats.json", "export/state.json",
+            "export/fast_tokenizer"} <= exported
+    local = client.download_artifacts(run_id, "export/state.json", str(tmp_path / "dl"))
+    assert json.load(open(local)) == {"global_step": 6}
+    # Retention: keep_last=1 committed checkpoint, plus every keep_period multiple copied to kept/.
+    run_dir = second["run_dir"]
+    assert sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_0")) == ["checkpoint_000000006"]
+    assert os.listdir(os.path.join(run_dir, "kept")) == ["step_000000004"]
+    assert read_train_state(os.path.join(run_dir, "kept", "step_000000004"))["step"] == 4
 
 
 def test_storage_without_permission_is_a_clear_error(prepared, s3_endpoint):

@@ -1,4 +1,4 @@
-"""trainer/parallel.py selection logic and argument checks, with faked device capabilities (no GPU, no processes)."""
+"""Selection logic of trainer/parallel.py and trainer/resources.py, with faked capabilities (no GPU, no processes)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from trainer import parallel, parallel_zero
+from trainer.resources import torch_threads
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
 
@@ -102,3 +103,20 @@ def test_micro_step_bookkeeping():
     engine.forward_backward({}, generator=None, is_last_micro=False)
     with pytest.raises(RuntimeError, match="after 1 of 2"):
         engine.step()
+
+
+@pytest.mark.parametrize(("requested", "cpus", "ranks", "loader", "expected"), [
+    (0, 2, 1, 1, 1),  # the CI box: one loader worker keeps a core, torch gets the other
+    (0, 2, 2, 1, 1),  # never below one
+    (0, 96, 8, 8, 4),  # GPU node: 12 cores per rank, 8 of them decoding
+    (0, 16, 1, 0, 16),  # loading in the training process
+    (3, 2, 1, 1, 3),  # explicit wins
+])
+def test_torch_threads_leave_cores_to_the_loader(requested, cpus, ranks, loader, expected):
+    assert torch_threads(requested=requested, cpu_count=cpus, local_world_size=ranks,
+                         loader_workers=loader) == expected
+
+
+def test_negative_cpu_threads_is_rejected():
+    with pytest.raises(ValueError, match="cpu_threads must be >= 0"):
+        torch_threads(requested=-1, cpu_count=2, local_world_size=1, loader_workers=1)
