@@ -96,4 +96,6 @@ class BackgroundIterator(Generic[T]):
         self._thread.join()
 
     def __del__(self) -> None:
-        self._stop.set()
+        stop = getattr(self, "_stop", None)  # absent when __init__ rejected its arguments
+        if stop is not None:
+            stop.set()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import os
+import time
 
 import numpy as np
 import pytest
@@ -99,6 +100,22 @@ def test_resume_same_world_size_is_bitwise_identical(shards_dir):
         resumed = StreamLoader(shards_dir, c, rank=r, world_size=2)
         resumed.load_state_dict(merged)
         assert_batches_equal(first[r] + run(resumed), full[r])
+
+
+def test_state_taken_mid_iteration_is_where_the_consumer_is_not_the_prefetcher(shards_dir):
+    """The trainer checkpoints while its iterator is alive and the prefetch thread is batches ahead."""
+    c = cfg(num_workers=2, prefetch_batches=3)
+    full = run(StreamLoader(shards_dir, c))
+    loader = StreamLoader(shards_dir, c)
+    it = iter(loader)
+    head = [next(it) for _ in range(3)]
+    time.sleep(0.5)  # let the producer fill its queue
+    state = loader.state_dict()
+    assert state["metrics"]["batches"] == 3
+    resumed = StreamLoader(shards_dir, c)
+    resumed.load_state_dict(state)
+    assert_batches_equal(head + run(resumed), full)
+    it.close()
 
 
 def test_resume_single_rank_from_its_own_state(shards_dir):
