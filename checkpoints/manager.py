@@ -7,10 +7,13 @@ A checkpoint (one Ray Train checkpoint directory, merged from every rank's files
     train_state.json        step, the global data-loader state (every rank's cursors), config, tracking run id,
                             the metrics at save time and the data artifact URLs (rank 0)
 
-Saving is collective: each rank writes its files into a fresh local directory and calls `ray.train.report`
-with it; Ray commits the checkpoint only when every rank has reported, so a half-written checkpoint is never
-chosen for resume. Retention: Ray keeps the last `keep_last`; checkpoints at multiples of `keep_period` are
-also copied to `<run>/kept/step_<n>` (never deleted).
+Saving is collective: each rank stages its files in a fresh local directory and calls `ray.train.report`
+with it; Ray commits the checkpoint only when every rank's upload has finished, so a half-written checkpoint is
+never chosen for resume. With `async_upload` the report returns once the files are staged and the upload runs
+in Ray's background thread; either way the upload is retried with exponential backoff, and a checkpoint whose
+upload finally fails fails the attempt, which restarts from the previous committed checkpoint. Retention:
+Ray keeps the last `keep_last`; checkpoints at multiples of `keep_period` are copied to `<run>/kept/step_<n>`
+by checkpoints/retention.py.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import os
 import random
 import shutil
 import tempfile
-from typing import Any
+import time
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -56,22 +60,29 @@ class CheckpointManager:
     """Save/restore of engine, RNG, step, loader and run metadata through Ray Train checkpoints."""
 
     def __init__(self, *, engine: Any, loader: Any, config_dict: dict[str, Any], rank: int, world_size: int,
-                 run_dir_url: str, keep_period: int, workers_per_rank: int):
+                 run_dir_url: str, workers_per_rank: int, async_upload: bool = True, upload_retries: int = 5,
+                 upload_backoff_s: float = 1.0, before_upload: Callable[[str], None] | None = None):
         self.engine, self.loader = engine, loader
         self.config_dict = config_dict
         self.rank, self.world_size = rank, world_size
         self.run_dir_url = run_dir_url
-        self.keep_period = keep_period
         self.workers_per_rank = workers_per_rank
+        self.async_upload, self.upload_retries, self.upload_backoff_s = async_upload, upload_retries, upload_backoff_s
+        self._before_upload = before_upload  # fault injection hook: may raise OSError
+        self.upload_failures = 0  # upload attempts that failed and were retried (read by the training loop)
         self.tracking_run_id: str | None = None
         self.restored_from: str | None = None
+        self.train_state: dict[str, Any] | None = None  # train_state.json of the restored checkpoint
 
     # --- save ------------------------------------------------------------------------------------------------
 
-    def save(self, step: int, metrics: dict[str, float], *, extra: dict[str, Any] | None = None) -> None:
-        """Collective: write this rank's part of checkpoint `step` and report it to Ray (which commits it)."""
+    def save(self, step: int, metrics: dict[str, float], *, extra: dict[str, Any] | None = None) -> float:
+        """Collective: stage this rank's part of checkpoint `step` and report it to Ray (which commits it once
+        every rank's upload is done). Returns the seconds training was blocked."""
         import ray.train
+        from ray.train import CheckpointUploadMode
 
+        t0 = time.perf_counter()
         loader_states = all_gather(self.loader.state_dict())
         tmp = tempfile.mkdtemp(prefix=f"b1k-ckpt-{step}-r{self.rank}-")
         try:
@@ -92,28 +103,45 @@ class CheckpointManager:
                 with open(os.path.join(tmp, TRAIN_STATE), "w") as f:
                     json.dump(state, f, indent=1, sort_keys=True)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**metrics, "step": step}, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:09d}")
-        finally:
+            # Ray deletes `tmp` once it is uploaded (in the background with ASYNC).
+            ray.train.report({**metrics, "step": step}, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:09d}",
+                             checkpoint_upload_mode=CheckpointUploadMode.ASYNC if self.async_upload
+                             else CheckpointUploadMode.SYNC,
+                             delete_local_checkpoint_after_upload=True,
+                             checkpoint_upload_fn=self._upload_with_retries(ray.train.get_context().get_storage()))
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-        if self.rank == 0 and self.keep_period and step % self.keep_period == 0:
-            self._keep_forever(step)
+            raise
+        return time.perf_counter() - t0
 
-    def _keep_forever(self, step: int) -> None:
-        import ray.train
+    def _upload_with_retries(self, storage_context: Any) -> Callable[[Any, str], Any]:
+        def upload(checkpoint: Any, dir_name: str) -> Any:
+            for attempt in range(1, self.upload_retries + 1):
+                try:
+                    if self._before_upload is not None:
+                        self._before_upload(f"uploading {dir_name} (rank {self.rank})")
+                    return storage_context.persist_current_checkpoint(checkpoint, dir_name)
+                except Exception as e:
+                    if attempt == self.upload_retries:
+                        raise RuntimeError(
+                            f"upload of {dir_name} from rank {self.rank} failed {attempt} times (last: "
+                            f"{type(e).__name__}: {e}); the previous committed checkpoint stays valid and the run "
+                            f"restarts from it. Check the storage endpoint and credentials.") from e
+                    self.upload_failures += 1
+                    delay = self.upload_backoff_s * 2 ** (attempt - 1)
+                    log.warning("upload of %s failed (%s: %s); retry %d/%d in %.1f s", dir_name, type(e).__name__,
+                                e, attempt, self.upload_retries - 1, delay)
+                    time.sleep(delay)
+            raise AssertionError("unreachable")
 
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return
-        dest = storage.join(self.run_dir_url, "kept", f"step_{step:09d}")
-        fs, path = storage.resolve(dest)
-        with ckpt.as_directory() as d:
-            fs.put(d, path, recursive=True)
-        log.info("kept checkpoint of step %d at %s", step, dest)
+        return upload
 
     # --- restore ---------------------------------------------------------------------------------------------
 
-    def restore(self, path: str | None = None) -> int:
-        """Collective: load checkpoint `path` (a URL), else the latest committed one; returns the start step."""
+    def restore(self, path: str | None = None, *, data: bool = True) -> int:
+        """Collective: load checkpoint `path` (a URL), else the latest committed one; returns the start step.
+
+        `data=False` keeps the loader where it is (a rollback continues with the next data)."""
         import ray.train
 
         if path is not None:
@@ -133,9 +161,11 @@ class CheckpointManager:
             if state["world_size"] == self.world_size and os.path.exists(rng_file):
                 # weights_only=False: numpy/python RNG states are plain tuples the safe loader refuses.
                 set_rng_state(torch.load(rng_file, weights_only=False))
-            self.loader.load_state_dict(state["loader"])
+            if data:
+                self.loader.load_state_dict(state["loader"])
         self.tracking_run_id = state.get("tracking_run_id")
         self.restored_from = ckpt.path
+        self.train_state = state
         log.info("resumed from %s at step %d", ckpt.path, state["step"])
         return int(state["step"])
 

@@ -87,6 +87,7 @@ class _ShardStream(IterableDataset):
                  num_workers: int, transform: SampleTransform, cfg: StreamConfig):
         self.manifest, self.planner, self.state = manifest, planner, state
         self.rank, self.num_workers, self.transform, self.cfg = rank, max(1, num_workers), transform, cfg
+        self.first_sample = np.cumsum([0] + [s.num_samples for s in manifest.shards])  # manifest-order index
 
     def local_slot(self, worker_id: int) -> int:
         return (worker_id + self.state.next_local_slot[self.rank]) % self.num_workers
@@ -144,6 +145,8 @@ class _ShardStream(IterableDataset):
                 yield {"_slot": local, "_cursor": cursor, "_skipped": {
                     "kind": "sample", "shard": self.manifest.shards[sid].name, "samples": 1, "error": str(e)}}
                 continue
+            # Identity of the sample (its index in manifest order) and its epoch: for audits and debugging.
+            out["sample_index"], out["epoch"] = np.int64(self.first_sample[sid] + idx), np.int64(epoch)
             out["_slot"], out["_cursor"] = local, cursor
             yield out
 

@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from trainer.supervisor import RunFailedError
+
 # Nothing we run should talk to the internet: no usage stats, no cloud metadata probing, no model hub.
 for _k, _v in {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -157,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("recipe", help="recipe name (listed below)")
     fit.add_argument("--run-name", required=True, help="run name; re-running the same name resumes it")
     fit.add_argument("--storage", required=True, help="where runs live: local path, file:// or s3://bucket/prefix")
-    fit.add_argument("--workers", type=int, default=1, help="Ray Train workers (one per GPU)")
+    fit.add_argument("--workers", default="1",
+                     help="Ray Train workers (one per GPU): N, or MIN:MAX to run elastically on as many as the "
+                          "cluster can place (the global batch stays fixed)")
     fit.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a config field, e.g. --set optim.peak_lr=3e-4 --set strategy=zero2")
     fit.set_defaults(func=_cmd_fit)
@@ -192,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFailedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

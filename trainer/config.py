@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from trainer.faults import FaultConfig
 from trainer.optim import OptimConfig
 
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
@@ -22,6 +23,7 @@ class DataConfig:
     num_workers: int = 2  # DataLoader worker processes per training worker
     shards_per_group: int = 4  # loader shuffle window, in shards
     augment: bool = True  # train-time image augmentation
+    audit: bool = False  # record the (epoch, sample) ids of every step under <run>/audit/ (tests, debugging)
     # Used only when shards == "": the synthetic BEHAVIOR-format dataset written for the run.
     synth_tasks: tuple[int, ...] = (0, 1, 40)
     synth_episodes_per_task: int = 2
@@ -39,6 +41,33 @@ class DataConfig:
         if not self.shards and not self.synth_tasks:
             raise ValueError("no training data: set --set data.shards=s3://bucket/b1k/shards (a `b1k-train data "
                              "shard` output), or data.synth_tasks for a synthetic dataset")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ResilienceConfig:
+    """What a run survives, and when it gives up (README "Failure semantics")."""
+
+    max_failures: int = 20  # restarts over the whole run (-1 = unlimited)...
+    max_failures_in_window: int = 4  # ...and the circuit breaker: more failures than this within...
+    failure_window_s: float = 3600.0  # ...this many seconds stop the run, naming the last errors
+    collective_timeout_s: float = 600.0  # process-group timeout: a rank blocked this long in a collective fails
+    watchdog_s: float = 1800.0  # a rank with no step finished for this long dumps its stacks and exits (0 = off)
+    nan_max_consecutive: int = 3  # non-finite steps in a row before rolling back to the last checkpoint
+    upload_retries: int = 5  # attempts per checkpoint upload (exponential backoff between them)
+    upload_backoff_s: float = 1.0
+    async_checkpoint: bool = True  # training blocks only while a checkpoint is staged; the upload runs behind
+    elastic_resize_interval_s: float = 60.0  # with --workers MIN:MAX: how often Ray looks for room to grow
+
+    def __post_init__(self) -> None:
+        if self.max_failures < -1 or self.max_failures_in_window < 0:
+            raise ValueError("resilience.max_failures must be >= -1 and max_failures_in_window >= 0")
+        for name in ("failure_window_s", "collective_timeout_s", "upload_backoff_s", "elastic_resize_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"resilience.{name} must be > 0, got {getattr(self, name)}")
+        if self.watchdog_s < 0:
+            raise ValueError(f"resilience.watchdog_s must be >= 0 (0 = off), got {self.watchdog_s}")
+        if self.nan_max_consecutive < 1 or self.upload_retries < 1:
+            raise ValueError("resilience.nan_max_consecutive and resilience.upload_retries must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -62,7 +91,8 @@ class TrainConfig:
     keep_period: int = 4000  # checkpoints at multiples of this step are kept forever (0 = none)
     peak_tflops_per_worker: float = 989.0  # for MFU: H100 SXM dense bf16; set to your accelerator's
     track_export: bool = True  # also upload the final export (weights included) to the MLflow run's artifacts
-    max_failures: int = 3  # worker-group restarts before the run gives up
+    resilience: ResilienceConfig = dataclasses.field(default_factory=ResilienceConfig)
+    fault: FaultConfig = dataclasses.field(default_factory=FaultConfig)  # injection for tests/benchmarks; off
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

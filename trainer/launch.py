@@ -14,9 +14,11 @@ from typing import Any
 
 import torch
 
+from checkpoints.retention import KeepPeriodCallback, committed_checkpoints, sweep_orphans
 from data_loaders import storage
 from trainer.config import TrainConfig
 from trainer.data_prep import prepare_data
+from trainer.supervisor import check_worker_range, parse_workers, supervise
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ def check_storage_writable(url: str) -> None:
 
 
 def init_ray(num_workers: int) -> None:
+    """Connect to RAY_ADDRESS, or start a one-machine cluster with room for `num_workers` training workers."""
     import ray
 
     if ray.is_initialized():
@@ -61,38 +64,25 @@ def init_ray(num_workers: int) -> None:
                  _node_ip_address="127.0.0.1", log_to_driver=True, runtime_env={"env_vars": passthrough})
 
 
-def fit(cfg: TrainConfig, *, run_name: str, storage_url: str, num_workers: int,
+def fit(cfg: TrainConfig, *, run_name: str, storage_url: str, num_workers: int | str | tuple[int, int],
         loop_extra: dict[str, Any] | None = None, data_run_dir: str | None = None) -> dict[str, Any]:
-    """Train (or resume) run `run_name` under `storage_url` on `num_workers` Ray workers; returns a summary."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    if num_workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {num_workers}")
-    cfg.grad_accum_steps(num_workers)  # raises if the global batch cannot be split over the workers
+    """Train (or resume) run `run_name` under `storage_url` on `num_workers` Ray workers (N, "MIN:MAX" or
+    (MIN, MAX) for elastic) through failures (trainer/supervisor.py); returns a summary."""
+    lo, hi = num_workers if isinstance(num_workers, tuple) else parse_workers(num_workers)
+    check_worker_range(cfg, lo, hi)  # raises if the global batch cannot be split over some worker count
+    cfg.fault.check()
     check_storage_writable(storage_url)
     run_dir = storage.join(storage_url, run_name)
     data = prepare_data(cfg, data_run_dir or run_dir)
-    from trainer.loop import train_loop
+    init_ray(hi)
+    loop_config = {"config": cfg, "data": data, "run_dir": run_dir, "run_name": run_name,
+                   "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"), **(loop_extra or {})}
 
-    init_ray(num_workers)
-    use_gpu = torch.cuda.is_available()
-    storage_path, storage_fs = ray_storage(storage_url)
-    tracking_dir = os.path.join(tempfile.gettempdir(), "b1k-train-mlflow", run_name) \
-        if not storage.is_local(storage.resolve(storage_url)[0]) else os.path.join(storage_path, run_name, "mlflow")
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"config": cfg, "data": data, "run_dir": run_dir, "run_name": run_name,
-                           "tracking_dir": tracking_dir, "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
-                           **(loop_extra or {})},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=600),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": 1} if not use_gpu else None),
-        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last)),
-    )
-    result = trainer.fit()
+    def attempt(_: int):
+        return _fit_attempt(cfg, loop_config, run_name=run_name, storage_url=storage_url, workers=(lo, hi))
+
+    result = supervise(attempt, run_dir_url=run_dir, resilience=cfg.resilience,
+                       before_attempt=lambda: sweep_orphans(run_dir))
     # Ray reports paths inside its filesystem (no scheme for S3); hand back URLs the rest of the CLI accepts.
     checkpoint = storage.join(run_dir, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
     summary = {"run_dir": run_dir, "checkpoint": checkpoint,
@@ -101,18 +91,43 @@ def fit(cfg: TrainConfig, *, run_name: str, storage_url: str, num_workers: int,
     return summary
 
 
-def latest_committed_checkpoint(run_dir_url: str) -> str:
-    """URL of the newest checkpoint Ray registered for the run (from its checkpoint manager snapshot)."""
-    import re
+def _fit_attempt(cfg: TrainConfig, loop_config: dict[str, Any], *, run_name: str, storage_url: str,
+                 workers: tuple[int, int]) -> Any:
+    """One Ray Train fit with Ray's own retries off: failures go back to the supervisor."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
 
-    fs, path = storage.resolve(run_dir_url)
-    snapshot = storage.join(path, "checkpoint_manager_snapshot.json")
-    if not fs.exists(snapshot):
-        raise FileNotFoundError(f"{run_dir_url} has no committed checkpoint yet (no checkpoint_manager_snapshot.json)")
-    steps = [int(s) for s in re.findall(r"checkpoint_(\d{9})", fs.cat_file(snapshot).decode())]
-    if not steps:
-        raise FileNotFoundError(f"{run_dir_url}: the checkpoint snapshot lists no checkpoint")
-    return storage.join(run_dir_url, f"checkpoint_{max(steps):09d}")
+    from trainer.loop import train_loop
+    from trainer.parallel import nccl_env
+
+    use_gpu = torch.cuda.is_available()
+    storage_path, storage_fs = ray_storage(storage_url)
+    tracking_dir = os.path.join(tempfile.gettempdir(), "b1k-train-mlflow", run_name) \
+        if not storage.is_local(storage.resolve(storage_url)[0]) else os.path.join(storage_path, run_name, "mlflow")
+    lo, hi = workers
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={**loop_config, "tracking_dir": tracking_dir},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
+                                 timeout_s=int(cfg.resilience.collective_timeout_s)),
+        scaling_config=ScalingConfig(num_workers=hi if lo == hi else (lo, hi), use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": 1} if not use_gpu else None,
+                                     elastic_resize_monitor_interval_s=cfg.resilience.elastic_resize_interval_s),
+        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=0),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last),
+                             callbacks=[KeepPeriodCallback(loop_config["run_dir"], cfg.keep_period)],
+                             worker_runtime_env={"env_vars": nccl_env(use_gpu=use_gpu)} if use_gpu else None),
+    )
+    return trainer.fit()
+
+
+def latest_committed_checkpoint(run_dir_url: str) -> str:
+    """URL of the newest checkpoint Ray committed for the run (from its checkpoint manager snapshot)."""
+    names = committed_checkpoints(run_dir_url)
+    if not names:
+        raise FileNotFoundError(f"{run_dir_url} has no committed checkpoint yet")
+    return storage.join(run_dir_url, names[-1])
 
 
 def export(cfg: TrainConfig, *, run_name: str, storage_url: str, checkpoint: str | None = None,

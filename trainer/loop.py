@@ -12,11 +12,9 @@ import hashlib
 import logging
 import os
 import tempfile
-import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from checkpoints.manager import CheckpointManager
 from data_loaders import storage
@@ -28,10 +26,12 @@ from models.pi_behavior.flops import flops_per_sample
 from models.pi_behavior.model import PiBehavior
 from trainer import optim
 from trainer.config import TrainConfig
+from trainer.faults import FaultInjector
 from trainer.overrides import flatten
 from trainer.parallel import build_engine, select_device_and_backend, select_precision
 from trainer.progress import ProgressLine
 from trainer.resources import torch_threads
+from trainer.steps import StepRunner
 from trainer.tracking import make_tracker
 
 log = logging.getLogger(__name__)
@@ -76,15 +76,6 @@ def read_safetensors(url: str) -> dict[str, torch.Tensor]:
     return load_bytes(fs.cat_file(path))
 
 
-def _mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    if not (dist.is_available() and dist.is_initialized()) or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
-
-
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. loop_config: {"config": TrainConfig, "data": DataArtifacts, "run_dir": URL,
     "run_name": str, "tracking_dir": local dir for the default MLflow store}."""
@@ -124,10 +115,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                           micro_batch_size=cfg.micro_batch_size)
     groups = groups_holder["groups"]
     config_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flatten(cfg).items()}
+    faults = FaultInjector(cfg.fault, rank=rank, run_dir_url=loop_config["run_dir"], seed=cfg.seed)
+    res = cfg.resilience
     manager = CheckpointManager(engine=engine, loader=loader, config_dict=config_dict, rank=rank, world_size=world,
-                                run_dir_url=loop_config["run_dir"], keep_period=cfg.keep_period,
-                                workers_per_rank=max(1, cfg.data.num_workers))
+                                run_dir_url=loop_config["run_dir"], workers_per_rank=max(1, cfg.data.num_workers),
+                                async_upload=res.async_checkpoint, upload_retries=res.upload_retries,
+                                upload_backoff_s=res.upload_backoff_s,
+                                before_upload=faults.maybe_storage_error if cfg.fault.enabled else None)
     step = manager.restore(loop_config.get("restore_from"))
+    print(f"[train] rank {rank}/{world}: starting at step {step} with {accum} micro-batches per step", flush=True)
     tracker = make_tracker(rank)
     manager.tracking_run_id = tracker.start(run_dir_uri=loop_config["run_dir"], experiment="b1k-train",
                                             run_name=loop_config["run_name"],
@@ -140,8 +136,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     progress = ProgressLine(total_steps=cfg.num_steps, start_step=step, enabled=rank == 0)
     try:
         if not loop_config.get("export_only"):
-            _run_steps(cfg, engine, loader, manager, tracker, progress, groups, step, accum, rank, world, flops,
-                       device)
+            run = StepRunner(cfg=cfg, engine=engine, loader=loader, manager=manager, tracker=tracker,
+                             progress=progress, groups=groups, accum=accum, rank=rank, world=world, flops=flops,
+                             device=device, faults=faults, run_dir=loop_config["run_dir"])
+            run.run(step)
         _export(engine, cfg, model_cfg, config_dict, data, loop_config, rank, tracker,
                 step=max(step, cfg.num_steps) if not loop_config.get("export_only") else step)
     except BaseException:
@@ -173,47 +171,3 @@ def _export(engine, cfg, model_cfg, config_dict, data, loop_config, rank, tracke
         if cfg.track_export:
             # The run then carries a loadable model (the registry registers runs:/<id>/export).
             tracker.log_artifact(tmp, "export")
-
-
-def _run_steps(cfg, engine, loader, manager, tracker, progress, groups, step, accum, rank, world, flops,
-               device) -> None:
-    it = iter(loader)
-    window: dict[str, float] = {}
-    metrics: dict[str, float] = {}
-    while step < cfg.num_steps:
-        engine.set_lrs(optim.group_lrs(step, groups, cfg.optim))
-        t_start = time.perf_counter()
-        data_wait = 0.0
-        sums: dict[str, float] = {}
-        for micro in range(accum):
-            t0 = time.perf_counter()
-            batch = next(it)
-            data_wait += time.perf_counter() - t0
-            out = engine.forward_backward(batch, generator=step_generator(cfg.seed, step, rank, micro),
-                                          is_last_micro=micro == accum - 1)
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / accum
-        t_fb = time.perf_counter()
-        grad_norm = engine.step()
-        t_end = time.perf_counter()
-        step += 1
-        for k, v in {**sums, "grad_norm": grad_norm, "time/data_wait_s": data_wait,
-                     "time/forward_backward_s": t_fb - t_start - data_wait, "time/optimizer_s": t_end - t_fb,
-                     "time/step_s": t_end - t_start}.items():
-            window[k] = window.get(k, 0.0) + float(v)
-        window["_n"] = window.get("_n", 0.0) + 1
-        if step % cfg.log_every == 0 or step == cfg.num_steps:
-            n = window.pop("_n")
-            metrics = _mean_across_ranks({k: v / n for k, v in window.items()}, device)
-            window = {}
-            step_s = metrics["time/step_s"]
-            metrics["samples_per_s"] = cfg.global_batch_size / step_s
-            metrics["mfu"] = flops * cfg.global_batch_size / step_s / (cfg.peak_tflops_per_worker * 1e12 * world)
-            metrics["data_wait_share"] = metrics["time/data_wait_s"] / step_s
-            for g, lr in zip(groups, optim.group_lrs(step - 1, groups, cfg.optim)):
-                metrics[f"lr/{g['name']}"] = lr
-            tracker.log_metrics(metrics, step=step)
-            progress.update(step, metrics)
-        if step % cfg.save_every == 0 or step == cfg.num_steps:
-            manager.tracking_run_id = tracker.run_id  # may appear late if the server was down at start
-            manager.save(step, {k: v for k, v in metrics.items() if not k.startswith("lr/")})

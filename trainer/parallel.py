@@ -57,6 +57,31 @@ def select_device_and_backend(*, cuda_available: bool | None = None, local_rank:
     return torch.device("cuda", rank), "nccl"
 
 
+# Production NCCL settings for GPU workers; an operator's own value in the driver's environment wins.
+NCCL_DEFAULTS = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",  # the watchdog aborts a timed-out collective and kills the process
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",  # flight recorder: the last 2000 collectives per rank...
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",  # ...dumped when a collective times out...
+    "TORCH_FR_DUMP_TEMP_FILE": "/tmp/b1k-nccl-trace-rank-",  # ...to this prefix + rank (read with torchfrtrace)
+}
+
+
+def nccl_env(environ: Mapping[str, str] | None = None, *, use_gpu: bool) -> dict[str, str]:
+    """Environment for the training workers' processes: NCCL_DEFAULTS on GPUs (unless set by the operator,
+    including TORCH_NCCL_BLOCKING_WAIT in place of async error handling), nothing on CPU."""
+    if not use_gpu:
+        return {}
+    env = os.environ if environ is None else environ
+    out = {k: env.get(k, v) for k, v in NCCL_DEFAULTS.items()}
+    if "TORCH_NCCL_BLOCKING_WAIT" in env and "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in env:
+        del out["TORCH_NCCL_ASYNC_ERROR_HANDLING"]
+        out["TORCH_NCCL_BLOCKING_WAIT"] = env["TORCH_NCCL_BLOCKING_WAIT"]
+    for k in ("NCCL_DEBUG", "NCCL_DEBUG_SUBSYS", "NCCL_SOCKET_IFNAME", "NCCL_IB_HCA"):
+        if k in env:
+            out[k] = env[k]
+    return out
+
+
 def select_precision(requested: str, device: torch.device, *, bf16_supported: bool | None = None) -> str:
     """"bf16" or "fp32". "auto" means bf16 on a CUDA device that supports it, else fp32 (CPU bf16 is slow).
 

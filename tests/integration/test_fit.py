@@ -9,18 +9,15 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from checkpoints.export import MODEL_FILE, load_exported
 from checkpoints.manager import read_train_state
 from data_loaders.stream import StreamConfig, StreamLoader
-from models.pi_behavior.config import tiny
-from models.pi_behavior.model import PiBehavior
-from trainer.data_prep import prepare_data
+from tests.fit_support import debug_config, prepare
 from trainer.evaluate import action_mse_vs_mean_baseline
 from trainer.launch import fit, latest_committed_checkpoint
 from trainer.overrides import apply_overrides
-from trainer.recipes import get_recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 STEPS = 120
@@ -28,24 +25,13 @@ STEPS = 120
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, s3_endpoint):
-    """Shared data (synthetic dataset -> shards -> stats -> FAST) and a fixed initial model for every run.
-
-    Depends on the S3 endpoint so AWS_ENDPOINT_URL is set before the (session-wide) local Ray cluster starts.
-    """
-    root = tmp_path_factory.mktemp("fit")
-    data = prepare_data(get_recipe("pi_behavior_debug"), str(root / "data-run"))
-    torch.manual_seed(1234)
-    init = root / "init"
-    init.mkdir()
-    save_file({k: v.contiguous() for k, v in PiBehavior(tiny()).state_dict().items()}, str(init / MODEL_FILE))
-    return data, str(init)
+    """Shared data and a fixed initial model for every run. Depends on the S3 endpoint so AWS_ENDPOINT_URL is
+    set before the (session-wide) local Ray cluster starts."""
+    return prepare(tmp_path_factory.mktemp("fit"))
 
 
 def config(prepared, *extra: str):
-    data, init = prepared
-    return apply_overrides(get_recipe("pi_behavior_debug"), [
-        f"data.shards={data.shards}", f"init_from=export:{init}", f"num_steps={STEPS}", "save_every=50",
-        "log_every=1", *extra])
+    return debug_config(prepared, *extra, steps=STEPS)
 
 
 def first_step_loss(run_dir: str) -> float:

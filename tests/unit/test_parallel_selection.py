@@ -120,3 +120,17 @@ def test_torch_threads_leave_cores_to_the_loader(requested, cpus, ranks, loader,
 def test_negative_cpu_threads_is_rejected():
     with pytest.raises(ValueError, match="cpu_threads must be >= 0"):
         torch_threads(requested=-1, cpu_count=2, local_world_size=1, loader_workers=1)
+
+
+def test_gpu_workers_get_production_nccl_settings_and_cpu_workers_none():
+    assert parallel.nccl_env({}, use_gpu=False) == {}
+    env = parallel.nccl_env({}, use_gpu=True)
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    assert int(env["TORCH_NCCL_TRACE_BUFFER_SIZE"]) > 0
+
+
+def test_operator_nccl_settings_win():
+    env = parallel.nccl_env({"TORCH_NCCL_BLOCKING_WAIT": "1", "TORCH_NCCL_TRACE_BUFFER_SIZE": "0",
+                             "NCCL_DEBUG": "INFO", "HOME": "/root"}, use_gpu=True)
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in env and env["TORCH_NCCL_BLOCKING_WAIT"] == "1"
+    assert env["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "0" and env["NCCL_DEBUG"] == "INFO" and "HOME" not in env

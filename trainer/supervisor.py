@@ -1,0 +1,135 @@
+"""Run a training job to completion through failures: restart, circuit breaker, elastic worker counts.
+
+Each attempt is one Ray Train `fit()` with Ray's own retries off (max_failures=0). When it fails, the driver
+records the failure in <run>/failures.jsonl, sweeps uncommitted checkpoint directories, and starts the next
+attempt, which resumes from the last committed checkpoint on however many workers the cluster can place.
+It stops (raising RunFailedError that names the last errors) when
+
+- the error is deterministic (bad config or data: ValueError, KeyError, FileNotFoundError, ...), which a
+  restart would only repeat;
+- more than `max_failures_in_window` failures happened within `failure_window_s` (the circuit breaker);
+- or the run used up `max_failures` restarts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from typing import Any, Callable
+
+from data_loaders import storage
+
+log = logging.getLogger(__name__)
+# Errors a restart reproduces: the run is misconfigured or its data is bad, not unlucky.
+DETERMINISTIC = (ValueError, TypeError, KeyError, IndexError, AttributeError, ImportError, FileNotFoundError,
+                 PermissionError, NotImplementedError, ArithmeticError)
+
+
+class RunFailedError(RuntimeError):
+    """The run stopped for good; the message names the cause and the last errors."""
+
+
+def parse_workers(text: str | int) -> tuple[int, int]:
+    """"4" -> (4, 4); "2:8" -> (2, 8) (elastic: run on as many as fit, between the two)."""
+    lo, _, hi = str(text).partition(":")
+    try:
+        lo_n, hi_n = int(lo), int(hi or lo)
+    except ValueError:
+        raise ValueError(f"--workers {text!r} must be N or MIN:MAX, e.g. 4 or 2:8") from None
+    if not 1 <= lo_n <= hi_n:
+        raise ValueError(f"--workers {text!r}: need 1 <= MIN <= MAX")
+    return lo_n, hi_n
+
+
+def check_worker_range(cfg: Any, lo: int, hi: int) -> None:
+    """Every worker count the run may get must split the global batch exactly."""
+    bad = []
+    for n in range(lo, hi + 1):
+        try:
+            cfg.grad_accum_steps(n)
+        except ValueError:
+            bad.append(n)
+    if bad:
+        per = cfg.global_batch_size // cfg.micro_batch_size
+        ok = [n for n in range(1, per + 1) if per % n == 0]
+        raise ValueError(f"global_batch_size {cfg.global_batch_size} with micro_batch_size {cfg.micro_batch_size} "
+                         f"cannot be split over {bad} workers; --workers must stay within counts dividing {per} "
+                         f"({ok}), or change --set micro_batch_size=...")
+
+
+def root_causes(error: BaseException) -> list[BaseException]:
+    """The per-worker exceptions inside a Ray Train failure (or the error itself), unwrapped."""
+    failures = getattr(error, "worker_failures", None)
+    found = list(failures.values()) if failures else [getattr(error, "controller_failure", None) or error]
+    return [getattr(e, "_base_exc", e) for e in found]
+
+
+def describe(error: BaseException) -> str:
+    parts = [f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+             for e in root_causes(error)]
+    return "; ".join(dict.fromkeys(parts))[:500]
+
+
+@dataclasses.dataclass
+class FailureLog:
+    """Failures of a run, persisted as <run>/failures.jsonl so the breaker and operators see every attempt."""
+
+    run_dir_url: str
+    entries: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.fs, self.path = storage.resolve(storage.join(self.run_dir_url, "failures.jsonl"))
+        if self.fs.exists(self.path):
+            self.entries = [json.loads(line) for line in self.fs.cat_file(self.path).decode().splitlines() if line]
+
+    def add(self, attempt: int, error: BaseException) -> dict[str, Any]:
+        entry = {"time": time.time(), "attempt": attempt, "error": describe(error)}
+        self.entries.append(entry)
+        data = "".join(json.dumps(e) + "\n" for e in self.entries).encode()
+        storage.write_bytes_atomic(self.fs, self.path, data)
+        return entry
+
+    def in_window(self, window_s: float, now: float | None = None) -> list[dict[str, Any]]:
+        now = time.time() if now is None else now
+        return [e for e in self.entries if now - e["time"] <= window_s]
+
+
+def supervise(run_attempt: Callable[[int], Any], *, run_dir_url: str, resilience: Any,
+              before_attempt: Callable[[], None] | None = None) -> Any:
+    """Call `run_attempt(attempt)` until it returns; on a Ray Train failure decide whether to go again."""
+    from ray.train import TrainingFailedError
+
+    failures = FailureLog(run_dir_url)
+    attempt = 0
+    session_failures = 0  # max_failures counts this invocation; the breaker's window also sees earlier ones
+    while True:
+        attempt += 1
+        if before_attempt is not None:
+            before_attempt()
+        try:
+            return run_attempt(attempt)
+        except TrainingFailedError as e:
+            entry = failures.add(attempt, e)
+            session_failures += 1
+            print(f"[supervisor] attempt {attempt} failed: {entry['error']}", flush=True)
+            verdict = _verdict(e, failures, resilience, session_failures)
+            if verdict:
+                last = "\n  ".join(f"attempt {x['attempt']}: {x['error']}" for x in failures.entries[-3:])
+                raise RunFailedError(f"{verdict}. Last errors:\n  {last}\nFix the cause and re-run the same command: "
+                                     f"it resumes from the last committed checkpoint under {run_dir_url}.") from e
+            print(f"[supervisor] restarting from the last committed checkpoint (attempt {attempt + 1})", flush=True)
+
+
+def _verdict(error: BaseException, failures: FailureLog, res: Any, session_failures: int) -> str | None:
+    causes = root_causes(error)
+    if any(isinstance(c, DETERMINISTIC) for c in causes):
+        return "the run stopped on an error a restart would repeat (bad configuration or data)"
+    recent = failures.in_window(res.failure_window_s)
+    if len(recent) > res.max_failures_in_window:
+        return (f"circuit breaker: {len(recent)} failures within {res.failure_window_s:.0f} s (limit "
+                f"resilience.max_failures_in_window={res.max_failures_in_window})")
+    if res.max_failures != -1 and session_failures > res.max_failures:
+        return f"the run failed {session_failures} times (limit resilience.max_failures={res.max_failures})"
+    return None
