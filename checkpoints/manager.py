@@ -70,6 +70,7 @@ class CheckpointManager:
         self.async_upload, self.upload_retries, self.upload_backoff_s = async_upload, upload_retries, upload_backoff_s
         self._before_upload = before_upload  # fault injection hook: may raise OSError
         self.upload_failures = 0  # upload attempts that failed and were retried (read by the training loop)
+        self._upload_error: BaseException | None = None  # set by a background upload that gave up
         self.tracking_run_id: str | None = None
         self.restored_from: str | None = None
         self.train_state: dict[str, Any] | None = None  # train_state.json of the restored checkpoint
@@ -114,6 +115,12 @@ class CheckpointManager:
             raise
         return time.perf_counter() - t0
 
+    def check_uploads(self) -> None:
+        """Raise, in the training thread, the error of a background upload that gave up: training on would
+        only produce steps that can never be checkpointed (Ray notices the failure too, but seconds later)."""
+        if self._upload_error is not None:
+            raise self._upload_error
+
     def _upload_with_retries(self, storage_context: Any) -> Callable[[Any, str], Any]:
         def upload(checkpoint: Any, dir_name: str) -> Any:
             for attempt in range(1, self.upload_retries + 1):
@@ -123,10 +130,11 @@ class CheckpointManager:
                     return storage_context.persist_current_checkpoint(checkpoint, dir_name)
                 except Exception as e:
                     if attempt == self.upload_retries:
-                        raise RuntimeError(
+                        self._upload_error = RuntimeError(
                             f"upload of {dir_name} from rank {self.rank} failed {attempt} times (last: "
                             f"{type(e).__name__}: {e}); the previous committed checkpoint stays valid and the run "
-                            f"restarts from it. Check the storage endpoint and credentials.") from e
+                            f"restarts from it. Check the storage endpoint and credentials.")
+                        raise self._upload_error from e
                     self.upload_failures += 1
                     delay = self.upload_backoff_s * 2 ** (attempt - 1)
                     log.warning("upload of %s failed (%s: %s); retry %d/%d in %.1f s", dir_name, type(e).__name__,

@@ -20,6 +20,8 @@ os.environ.update({
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray nodes on 127.0.0.1 instead of the LAN address (Ray otherwise swaps loopback for a routable IP).
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "HF_HUB_OFFLINE": "1",
     "MLFLOW_DISABLE_TELEMETRY": "true",
 })

@@ -9,6 +9,7 @@ storage errors are drawn from a generator seeded per rank.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import random
@@ -114,5 +115,5 @@ class FaultInjector:
         fs, path = self._marker(name)
         if fs.exists(path):
             return False
-        storage.write_bytes_atomic(fs, path, b"fired")
+        storage.write_bytes_atomic(fs, path, json.dumps({"time": time.time(), "pid": os.getpid()}).encode())
         return True

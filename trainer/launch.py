@@ -46,6 +46,26 @@ def check_storage_writable(url: str) -> None:
                               f"bucket's existence and your credentials (AWS_* variables, AWS_ENDPOINT_URL)") from e
 
 
+# Worker environment of the one-machine clusters we start (the driver's own values win):
+LOCAL_CLUSTER_ENV = {
+    # Tearing down a failed group waits this long for destroy_process_group on ranks that may be stuck in a
+    # collective or dead (Ray's default: 30 s per failure); a restart needs no graceful goodbye.
+    "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": os.environ.get("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "5"),
+    # gloo pairs bind to the loopback interface, not to whatever the hostname resolves to.
+    "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+}
+
+
+def _loopback_only() -> None:
+    """Keep a one-machine cluster on 127.0.0.1. Ray replaces a loopback node address with the LAN address
+    unless it runs in single-machine mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when ray is imported,
+    hence also set on the already-imported constant); the processes ray.init starts inherit the variable."""
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def init_ray(num_workers: int) -> None:
     """Connect to RAY_ADDRESS, or start a one-machine cluster with room for `num_workers` training workers."""
     import ray
@@ -59,6 +79,8 @@ def init_ray(num_workers: int) -> None:
         # A fresh local cluster; "local" never attaches to a stale one left by a killed head. Its workers get the
         # driver's storage/tracking endpoints (a remote cluster has its own runtime environment instead).
         passthrough = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MLFLOW_"))}
+        passthrough.update(LOCAL_CLUSTER_ENV)
+        _loopback_only()
         # Everything binds to loopback: a one-machine cluster has no reason to listen on other interfaces.
         ray.init(address="local", num_cpus=max(num_workers + 1, os.cpu_count() or 2), dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", log_to_driver=True, runtime_env={"env_vars": passthrough})
@@ -95,10 +117,11 @@ def _fit_attempt(cfg: TrainConfig, loop_config: dict[str, Any], *, run_name: str
                  workers: tuple[int, int]) -> Any:
     """One Ray Train fit with Ray's own retries off: failures go back to the supervisor."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from trainer.loop import train_loop
     from trainer.parallel import nccl_env
+    from trainer.ray_backend import NodeAddressTorchConfig
 
     use_gpu = torch.cuda.is_available()
     storage_path, storage_fs = ray_storage(storage_url)
@@ -108,8 +131,8 @@ def _fit_attempt(cfg: TrainConfig, loop_config: dict[str, Any], *, run_name: str
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={**loop_config, "tracking_dir": tracking_dir},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
-                                 timeout_s=int(cfg.resilience.collective_timeout_s)),
+        torch_config=NodeAddressTorchConfig(backend="nccl" if use_gpu else "gloo",
+                                            timeout_s=int(cfg.resilience.collective_timeout_s)),
         scaling_config=ScalingConfig(num_workers=hi if lo == hi else (lo, hi), use_gpu=use_gpu,
                                      resources_per_worker={"CPU": 1} if not use_gpu else None,
                                      elastic_resize_monitor_interval_s=cfg.resilience.elastic_resize_interval_s),

@@ -123,7 +123,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                                 upload_backoff_s=res.upload_backoff_s,
                                 before_upload=faults.maybe_storage_error if cfg.fault.enabled else None)
     step = manager.restore(loop_config.get("restore_from"))
-    print(f"[train] rank {rank}/{world}: starting at step {step} with {accum} micro-batches per step", flush=True)
+    print(f"[train] rank {rank}/{world}: starting at step {step} with {accum} micro-batches per step "
+          f"(rendezvous {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})", flush=True)
     tracker = make_tracker(rank)
     manager.tracking_run_id = tracker.start(run_dir_uri=loop_config["run_dir"], experiment="b1k-train",
                                             run_name=loop_config["run_name"],

@@ -63,6 +63,7 @@ class StepRunner:
         last_block_s = 0.0
         try:
             while step < cfg.num_steps:
+                self.manager.check_uploads()
                 self.faults.before_step(step + 1)
                 poison = self.faults.nan_this_step(step + 1)
                 engine.set_lrs(optim.group_lrs(step, self.groups, cfg.optim))

@@ -15,7 +15,7 @@ import pytest
 from checkpoints.manager import read_train_state
 from checkpoints.retention import committed_checkpoints
 from tests.fit_support import debug_config, prepare
-from trainer.launch import fit
+from trainer.launch import LOCAL_CLUSTER_ENV, fit
 from trainer.recovery import read_audit
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -31,7 +31,7 @@ def two_node_cluster(s3_endpoint):
     ray.shutdown()  # the session's single-node cluster; later tests start a fresh one on demand
     cluster = Cluster(initialize_head=True, head_node_args={**NODE, "num_cpus": 1})
     worker = cluster.add_node(**NODE)
-    passthrough = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MLFLOW_"))}
+    passthrough = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MLFLOW_"))} | LOCAL_CLUSTER_ENV
     ray.init(address=cluster.address, runtime_env={"env_vars": passthrough})
     yield cluster, worker
     ray.shutdown()
