@@ -88,8 +88,8 @@ class FaultInjector:
 
     @staticmethod
     def poison(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The batch with a NaN state: the loss and every gradient become NaN, as with a corrupt sample."""
-        return {**batch, "state": torch.full_like(batch["state"], float("nan"))}
+        """The batch with NaN action targets: the loss and the gradients become NaN, as with a corrupt sample."""
+        return {**batch, "actions": torch.full_like(batch["actions"], float("nan"))}
 
     def maybe_storage_error(self, what: str) -> None:
         """Raise OSError for the first `storage_errors` calls of this rank in the run (markers under faults/

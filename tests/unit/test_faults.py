@@ -32,12 +32,12 @@ def test_storage_errors_count_per_rank_over_the_run(tmp_path):
         FaultInjector(cfg, rank=1, run_dir_url=str(tmp_path)).maybe_storage_error("rank 1 has its own count")
 
 
-def test_nan_steps_count_attempts_and_poison_the_state(tmp_path):
+def test_nan_steps_count_attempts_and_poison_the_targets(tmp_path):
     inj = FaultInjector(FaultConfig(nan_at_step=5, nan_steps=2), rank=0, run_dir_url=str(tmp_path))
     assert [inj.nan_this_step(s) for s in (4, 5, 5, 5, 6)] == [False, True, True, False, False]
     batch = {"state": torch.zeros(2, 32), "actions": torch.zeros(2, 30, 32)}
     poisoned = inj.poison(batch)
-    assert torch.isnan(poisoned["state"]).all() and torch.equal(poisoned["actions"], batch["actions"])
+    assert torch.isnan(poisoned["actions"]).all() and torch.equal(poisoned["state"], batch["state"])
 
 
 def test_fault_config_is_checked():
