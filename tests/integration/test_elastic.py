@@ -19,7 +19,7 @@ from trainer.launch import LOCAL_CLUSTER_ENV, fit
 from trainer.recovery import read_audit
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-STEPS = 14
+STEPS = 40
 NODE = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False}
 
 
@@ -32,6 +32,8 @@ def two_node_cluster(s3_endpoint):
     cluster = Cluster(initialize_head=True, head_node_args={**NODE, "num_cpus": 1})
     worker = cluster.add_node(**NODE)
     passthrough = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MLFLOW_"))} | LOCAL_CLUSTER_ENV
+    # After the node loss Ray first waits for the old size before settling for fewer workers; keep that short.
+    passthrough["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "30"
     ray.init(address=cluster.address, runtime_env={"env_vars": passthrough})
     yield cluster, worker
     ray.shutdown()
@@ -81,17 +83,23 @@ def test_lost_node_shrinks_to_one_worker_then_grows_back(two_node_cluster, tmp_p
     assert "error" not in out, out.get("error")
     summary = out["summary"]
 
-    from mlflow import MlflowClient
-
     state = read_train_state(summary["checkpoint"])
-    assert state["step"] == STEPS
-    client = MlflowClient(f"sqlite:///{run_dir}/mlflow/mlflow.db")
-    sizes = [int(m.value) for m in sorted(client.get_metric_history(state["tracking_run_id"], "world_size"),
-                                          key=lambda m: m.timestamp)]
-    assert 1 in sizes and sizes[0] == 2 and sizes[-1] == 2, sizes
+    assert state["step"] == STEPS and state["world_size"] == 2
     # Same optimizer steps and samples as an uninterrupted run; no sample twice within an epoch.
     audit = read_audit(run_dir)
     assert sorted(audit) == list(range(1, STEPS + 1))
     assert all(len(ids) == cfg.global_batch_size for ids in audit.values())
     seen = collections.Counter(pair for ids in audit.values() for pair in ids)
     assert max(seen.values()) == 1, [p for p, n in seen.items() if n > 1][:5]
+    # The workers that did each step: 2, then 1 after the loss, then 2 again.
+    ranks = [len(r) for _, r in sorted(audit_ranks(run_dir).items())]
+    phases = [n for i, n in enumerate(ranks) if i == 0 or n != ranks[i - 1]]
+    assert phases == [2, 1, 2], ranks
+
+
+def audit_ranks(run_dir: str) -> dict[int, set[int]]:
+    out: dict[int, set[int]] = {}
+    for name in os.listdir(os.path.join(run_dir, "audit")):
+        step, rank = name.removesuffix(".json").split("_rank")
+        out.setdefault(int(step.removeprefix("step_")), set()).add(int(rank))
+    return out
