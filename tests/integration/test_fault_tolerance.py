@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from checkpoints.manager import read_train_state
+from checkpoints.retention import committed_checkpoints
 from tests.fit_support import assert_same_weights, debug_config, exported_weights, prepare
 from trainer.launch import fit
 from trainer.recovery import read_audit
@@ -71,6 +72,9 @@ def test_killed_worker_and_failing_s3_uploads(prepared, reference, s3_bucket):
     assert len(log) == 2, log
     assert "upload of checkpoint_000000002" in log[0] and "failed 3 times" in log[0], log
     assert "upload" not in log[1], log  # the SIGKILL: a dead actor / peer, not storage
+    # Nothing uncommitted is left behind that could look like a checkpoint.
+    listed = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(storage.resolve(summary["run_dir"])[1])}
+    assert {n for n in listed if n.startswith("checkpoint_0")} == set(committed_checkpoints(summary["run_dir"]))
     fs, export = storage.resolve(f"{summary['run_dir']}/export/model.safetensors")
     assert_same_weights(load(fs.cat_file(export)), reference)
     assert_audit_complete(summary["run_dir"], steps=STEPS)
