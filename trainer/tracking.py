@@ -25,10 +25,10 @@ Failure policy: tracking never stops training.
   no way to choose a tracking URI.
 
 Replayed steps: after a crash the loop restarts from the last checkpoint, so the steps between that checkpoint and
-the crash are logged again. MLflow keeps both points (a metric's history is a list of (step, value, timestamp)
-with no uniqueness), and the run tag `b1k.num_resumes` says how often it happened; plot by step and the later
-points overwrite the earlier ones visually. A batch re-sent because its response was lost can duplicate points the
-same way. NaN is stored as NaN; +-inf become +-1.8e308 (MLflow's SQL stores clamp them).
+the crash run again. A reopened run therefore drops points at steps it already has (up to the last step of its
+`loss` history), so each step appears once; points the crashed attempt never sent are logged by the replay. The
+run tag `b1k.num_resumes` says how often the run was reopened. A batch re-sent because its response was lost can
+still duplicate points. NaN is stored as NaN; +-inf become +-1.8e308 (MLflow's SQL stores clamp them).
 
 System metrics (CPU, memory, disk, network, and GPU when pynvml is present; keys `system/...`) come from MLflow's
 own monitor thread sampling every `system_metrics_interval_s`. It is restarted after a server outage (MLflow's
@@ -61,6 +61,7 @@ _METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # what MLflow accepts in a name, on POSIX
 _TAG_RUN_DIR = "b1k.run_dir"
 _TAG_NUM_RESUMES = "b1k.num_resumes"
+_REPLAY_KEY = "loss"  # the metric whose last step tells a reopened run which steps it already has
 
 
 # --- config flattening ---------------------------------------------------------------------------------------
@@ -219,6 +220,7 @@ class Tracker:
         self._disabled = False  # a permanent setup error: nothing more is sent
         self._monitor: Any = None
         self._warned_values: set[str] = set()
+        self._logged_through = -1  # a reopened run already has every step up to this one
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ended = False
@@ -425,6 +427,8 @@ class Tracker:
             log.warning("MLflow run %s (from the checkpoint) is missing or deleted at %s; starting a new run",
                         run_id, self._spec.uri)
             return None
+        history = self._client.get_metric_history(run_id, _REPLAY_KEY) if _REPLAY_KEY in run.data.metrics else []
+        self._logged_through = max((m.step for m in history), default=-1)
         num_resumes = int(run.data.tags.get(_TAG_NUM_RESUMES, "0")) + 1
         self._client.update_run(run_id, status="RUNNING")
         self._client.set_tag(run_id, _TAG_NUM_RESUMES, str(num_resumes))
@@ -501,6 +505,10 @@ class Tracker:
             with self._lock:
                 n = min(len(self._pending_metrics), _METRICS_PER_REQUEST)
                 batch = [self._pending_metrics.popleft() for _ in range(n)]
+                if self._logged_through >= 0:  # replayed steps after a resume: the run has them already
+                    batch = [p for p in batch if p[3] > self._logged_through or p[0].startswith("system/")]
+                    if not batch and self._pending_metrics:
+                        continue
             if not batch:
                 return True
             try:

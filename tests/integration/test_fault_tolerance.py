@@ -109,6 +109,13 @@ def test_communication_backend_error_restarts(prepared, reference, tmp_path):
     log = failures(summary["run_dir"])
     assert len(log) == 1 and "DistBackendError" in log[0]["error"], log
     assert_same_weights(exported_weights(summary["run_dir"]), reference)
+    # The failed attempt flushed steps 1-3; the replay after the resume from step 2 does not log step 3 again.
+    from mlflow import MlflowClient
+
+    run_id = read_train_state(summary["checkpoint"])["tracking_run_id"]
+    client = MlflowClient(f"sqlite:///{summary['run_dir']}/mlflow/mlflow.db")
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+    assert steps == list(range(1, STEPS + 1)), steps
 
 
 def test_nan_steps_are_skipped_then_rolled_back(prepared, tmp_path):
