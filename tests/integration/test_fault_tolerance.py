@@ -118,11 +118,13 @@ def test_communication_backend_error_restarts(prepared, reference, tmp_path):
     assert steps == list(range(1, STEPS + 1)), steps
 
 
-def test_nan_steps_are_skipped_then_rolled_back(prepared, tmp_path):
-    """Three NaN steps in a row from step 5 with a limit of 2: skip, skip -> roll back to step 4, skip, go on."""
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_nan_steps_are_skipped_then_rolled_back(prepared, tmp_path, strategy):
+    """Three NaN steps in a row from step 5 with a limit of 2: skip, skip -> roll back to step 4, skip, go on.
+    (DeepSpeed skips a non-finite fp32 update itself; DDP/FSDP through our engine.)"""
     cfg = config(prepared, "fault.nan_at_step=5", "fault.nan_steps=3", "resilience.nan_max_consecutive=2",
-                 "resilience.async_checkpoint=false")
-    summary = fit(cfg, run_name="nan", storage_url=str(tmp_path), num_workers=2)
+                 "resilience.async_checkpoint=false", f"strategy={strategy}")
+    summary = fit(cfg, run_name=f"nan-{strategy}", storage_url=str(tmp_path), num_workers=2)
     state = read_train_state(summary["checkpoint"])
     assert (state["step"], state["nonfinite_skipped"], state["nonfinite_rollbacks"]) == (STEPS, 3, 1)
     assert summary["metrics"]["nonfinite/skipped_steps"] == 3 and summary["metrics"]["nonfinite/rollbacks"] == 1
