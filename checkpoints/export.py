@@ -5,7 +5,7 @@
                             "train": the flattened training config}
     norm_stats.json        the normalisation statistics the model was trained with
     fast_tokenizer/        FAST tokenizer files (tokenizer.json, fast_config.json)
-    state.json             {"global_step": n}
+    state.json             {"global_step": n, "mlflow_run_id": id of the training run (when tracked)}
 
 Files are written to a local staging directory and uploaded, with state.json last: a reader that finds
 state.json finds a complete artifact.
@@ -39,7 +39,8 @@ def _copy_url(src: str, dst_local: str) -> None:
 
 def export_artifact(out_url: str, *, state_dict: dict[str, torch.Tensor], model_config_name: str,
                     model_config: Any, train_config: dict[str, Any], norm_stats_url: str,
-                    fast_tokenizer_url: str, step: int, keep_copy_in: str | None = None) -> str:
+                    fast_tokenizer_url: str, step: int, keep_copy_in: str | None = None,
+                    extra_state: dict[str, Any] | None = None) -> str:
     """Write a serving artifact for `state_dict` to `out_url` (local or s3://); returns out_url.
 
     With `keep_copy_in` (an empty local directory) the same files, state.json included, also stay there, e.g.
@@ -61,7 +62,7 @@ def export_artifact(out_url: str, *, state_dict: dict[str, torch.Tensor], model_
         for name in sorted(os.listdir(staging)):  # state.json is not there yet: it goes last
             src = os.path.join(staging, name)
             fs.put(src, storage.join(path, name), recursive=os.path.isdir(src))
-        state = json.dumps({"global_step": int(step)}).encode()
+        state = json.dumps({**(extra_state or {}), "global_step": int(step)}).encode()
         storage.write_bytes_atomic(fs, storage.join(path, STATE_FILE), state)
         if keep_copy_in:
             with open(os.path.join(staging, STATE_FILE), "wb") as f:
@@ -72,8 +73,25 @@ def export_artifact(out_url: str, *, state_dict: dict[str, torch.Tensor], model_
     return out_url
 
 
+def read_export_state(url: str) -> dict[str, Any]:
+    """state.json of a complete export (FileNotFoundError naming the fix if the export is incomplete)."""
+    from checkpoints.model_uri import resolve_model_url
+
+    url = resolve_model_url(url)
+    fs, path = storage.resolve(url)
+    try:
+        return json.loads(fs.cat_file(storage.join(path, STATE_FILE)))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{url} is not a complete b1k-train export (no {STATE_FILE}); re-run the export") from e
+
+
 def load_exported(url: str, *, device: str = "cpu"):
-    """(PiBehavior with the exported weights and noise correlation, NormStats, FastTokenizer, config dict)."""
+    """(PiBehavior with the exported weights and noise correlation, NormStats, FastTokenizer, config dict).
+
+    `url`: a directory, s3:// prefix or registry URI (models:/NAME@alias). The config dict also carries the
+    export's "global_step".
+    """
+    from checkpoints.model_uri import resolve_model_url
     from data_loaders.norm_stats import NormStats
     from models.common.gemma import GemmaConfig
     from models.common.siglip import SiglipConfig
@@ -81,10 +99,11 @@ def load_exported(url: str, *, device: str = "cpu"):
     from models.pi_behavior.fast import FastTokenizer
     from models.pi_behavior.model import PiBehavior
 
+    url = resolve_model_url(url)
+    state = read_export_state(url)
     fs, path = storage.resolve(url)
-    if not fs.exists(storage.join(path, STATE_FILE)):
-        raise FileNotFoundError(f"{url} is not a complete b1k-train export (no {STATE_FILE}); re-run the export")
     config = json.loads(fs.cat_file(storage.join(path, CONFIG_FILE)))
+    config["global_step"] = state.get("global_step")
     m = dict(config["model"])
     m["vision"], m["vlm"], m["expert"] = SiglipConfig(**m["vision"]), GemmaConfig(**m["vlm"]), \
         GemmaConfig(**m["expert"])

@@ -11,6 +11,9 @@ by a killed conversion is never read. Layout:
      "episodes": [{"episode_index", "task_index", "length", "shards": [names]}],
      "shards": [{"name", "num_samples", "bytes", "sha256", "episode_index", "first_frame"}],
      "skipped_episodes": [{"episode_index", "reason"}]}
+
+A *view* (data_loaders/splits.py) is a manifest in another directory that lists a subset of a conversion's
+shards and says where they live with "base_url"; readers open `<base_url>/<name>`, so a view costs no copy.
 """
 
 from __future__ import annotations
@@ -65,8 +68,13 @@ class Manifest:
     def tasks(self) -> dict[int, str]:
         return {int(k): v for k, v in self.raw["tasks"].items()}
 
+    @property
+    def base_url(self) -> str:
+        """Directory holding the shard files: the manifest's own, or a view's "base_url"."""
+        return str(self.raw.get("base_url") or self.url)
+
     def shard_url(self, name: str) -> str:
-        return storage.join(self.url, name)
+        return storage.join(self.base_url, name)
 
 
 def manifest_to_bytes(raw: dict[str, Any]) -> bytes:

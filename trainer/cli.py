@@ -90,10 +90,82 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from trainer.overrides import apply_overrides
+    from trainer.pipeline import Pipeline
+    from trainer.recipes import get_pipeline
+    from trainer.registry import client, describe
+
+    cfg = apply_overrides(get_pipeline(args.recipe), args.set or [])
+    summary = Pipeline(cfg, run_name=args.run_name, storage_url=args.storage, workers=args.workers,
+                       tracking_uri=args.tracking_uri).run()
+    print("\n== registered models (MLflow registry at " + summary["tracking_uri"] + ")")
+    names = [v["model"] for v in summary["models"].values()]
+    for m in describe(client(summary["tracking_uri"]), names):
+        for v in m["versions"]:
+            print(f"  {m['name']:28s} v{v['version']:<3s} aliases={','.join(v['aliases']) or '-':20s} "
+                  f"tasks={v['tasks']} held-out mse={v['eval_mse']}")
+    print(f"\ntask -> checkpoint mapping: {summary['mapping']}")
+    print(f"eval heat-map: {summary['heatmap']}")
+    print(f"summary: {summary['root']}/pipeline.json")
+    print(f"use the registry from a shell: export MLFLOW_TRACKING_URI={summary['tracking_uri']}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from data_loaders import storage
+    from trainer.eval_report import format_table, task_rows
+    from trainer.evaluate import evaluate_export
+
+    result = evaluate_export(args.model, args.data, tasks=args.tasks or None, batch_size=args.batch_size,
+                             seed=args.seed, num_inference_steps=args.num_inference_steps)
+    rows = task_rows({"model": result}, {int(t): "model" for t in result["tasks"]})
+    print(format_table(rows))
+    o = result["overall"]
+    print(f"overall: action mse {o['action_mse']:.4f} (mean-action baseline {o['baseline']['action_mse']:.4f}), "
+          f"stage accuracy {o['stage_acc']:.3f} over {o['num_samples']} samples")
+    if args.out:
+        fs, path = storage.resolve(args.out)
+        storage.write_bytes_atomic(fs, path, json.dumps(result, indent=1).encode())
+        print(f"wrote {args.out}")
+    return 0
+
+
+PROMOTE_REFUSED = 3  # exit status when the challenger does not beat the champion (scripts can tell it apart)
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from trainer.evaluate import evaluate_export
+    from trainer.pipeline_config import PromotionConfig
+    from trainer.registry import client, describe, promote
+
+    c = client(args.tracking_uri)
+    if args.list:
+        for m in describe(c, [args.model]):
+            for v in m["versions"]:
+                print(f"{m['name']} v{v['version']} aliases={','.join(v['aliases']) or '-'} tasks={v['tasks']} "
+                      f"held-out mse={v['eval_mse']} source={v['source']}")
+        return 0
+    rule = PromotionConfig(policy=args.policy, min_improvement=args.min_improvement,
+                           max_task_regression=args.max_task_regression)
+    decision = promote(c, args.model, rule, evaluate=lambda uri, view, tasks, units_of: evaluate_export(
+        uri, view, tasks=tasks, units_of=units_of))
+    print(("promoted: " if decision["promoted"] else "not promoted: ") + decision["reason"])
+    return 0 if decision["promoted"] else PROMOTE_REFUSED
+
+
 def _recipes_epilog() -> str:
     from trainer.recipes import recipes_help
 
     return recipes_help()
+
+
+def _pipelines_epilog() -> str:
+    from trainer.recipes import pipelines_help
+
+    return pipelines_help()
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -175,6 +247,44 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", default=None, help="artifact URL (default: <run>/exports/step_<n>)")
     ex.add_argument("--set", action="append", metavar="KEY=VALUE", help="the overrides the run was trained with")
     ex.set_defaults(func=_cmd_export)
+
+    pl = sub.add_parser("pipeline", help="pretrain on all tasks -> per-subset fine-tunes -> held-out eval -> export "
+                        "-> MLflow registry (@challenger) -> task_checkpoint_mapping.json; re-running resumes",
+                        epilog=_pipelines_epilog())
+    pl.add_argument("recipe", help="pipeline recipe (listed below)")
+    pl.add_argument("--run-name", required=True, help="pipeline name; re-running the same name resumes it")
+    pl.add_argument("--storage", required=True, help="local path, file:// or s3://bucket/prefix")
+    pl.add_argument("--workers", default="1", help="Ray Train workers for the pretrain (N or MIN:MAX); fine-tunes "
+                    "use finetune.workers if set")
+    pl.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI (default: "
+                    "$MLFLOW_TRACKING_URI, else SQLite under a local --storage)")
+    pl.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a field: train.num_steps=..., finetune.peak_lr=..., subsets='a:0,1;b:40', "
+                         "eval.holdout_fraction=...")
+    pl.set_defaults(func=_cmd_pipeline)
+
+    ev = sub.add_parser("eval", help="held-out metrics of an export (path, s3:// or models:/NAME@alias) on shards "
+                        "or a view: per-task action MSE per horizon step and action group, stage accuracy, baseline")
+    ev.add_argument("model", help="export directory, s3:// URL or models:/NAME@ALIAS")
+    ev.add_argument("--data", required=True, help="manifest directory (shards or a pipeline eval view)")
+    ev.add_argument("--tasks", type=_int_list, default=None, help="comma-separated task ids (default: all)")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--num-inference-steps", type=int, default=0, help="sampler steps (0 = the model's)")
+    ev.add_argument("--out", default=None, help="also write the full result JSON here")
+    ev.set_defaults(func=_cmd_eval)
+
+    pr = sub.add_parser("promote", help="move MODEL's @champion alias to @challenger if it beats the champion on "
+                        f"its tasks (exit {PROMOTE_REFUSED} and no change otherwise)")
+    pr.add_argument("model", help="registered model name, e.g. pi-behavior-ckpt1")
+    pr.add_argument("--policy", choices=["mean_mse", "per_task"], default="mean_mse",
+                    help="mean_mse: lower mean held-out action MSE over the challenger's tasks; per_task: that, and "
+                         "no task worse by more than --max-task-regression")
+    pr.add_argument("--min-improvement", type=float, default=0.0, help="relative MSE drop required (0.02 = 2%%)")
+    pr.add_argument("--max-task-regression", type=float, default=0.05)
+    pr.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
+    pr.add_argument("--list", action="store_true", help="list the versions and aliases instead")
+    pr.set_defaults(func=_cmd_promote)
 
     d = sub.add_parser("demo", help="the main job on the embedded default: synth -> shard -> stats -> stream")
     d.add_argument("--workdir", default="outputs/demo")

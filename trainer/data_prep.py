@@ -30,8 +30,9 @@ def _exists(url: str) -> bool:
     return fs.exists(path)
 
 
-def prepare_data(cfg: TrainConfig, run_dir_url: str) -> DataArtifacts:
-    """Make sure shards, norm_stats.json and the FAST tokenizer exist; return their URLs."""
+def ensure_shards(cfg: TrainConfig, run_dir_url: str) -> str:
+    """URL of the run's shards: `data.shards` (which must hold a manifest), or a synthetic dataset sharded under
+    `<run_dir>/data` on first use."""
     cfg.data.check_source()
     shards = cfg.data.shards
     if not shards:
@@ -49,6 +50,12 @@ def prepare_data(cfg: TrainConfig, run_dir_url: str) -> DataArtifacts:
                           progress=False)
     elif not _exists(storage.join(shards, MANIFEST_NAME)):
         raise FileNotFoundError(f"data.shards={shards} has no {MANIFEST_NAME}; run `b1k-train data shard SRC {shards}`")
+    return shards
+
+
+def prepare_data(cfg: TrainConfig, run_dir_url: str) -> DataArtifacts:
+    """Make sure shards, norm_stats.json and the FAST tokenizer exist; return their URLs."""
+    shards = ensure_shards(cfg, run_dir_url)
     norm_stats = cfg.data.norm_stats or storage.join(shards, NORM_STATS_NAME)
     if not _exists(norm_stats):
         from data_loaders.stats import compute_norm_stats

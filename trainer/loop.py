@@ -55,8 +55,12 @@ def make_init_fn(cfg: TrainConfig, norm: NormStats, device: torch.device):
         kind, _, path = cfg.init_from.partition(":")
         if kind == "export":
             # A b1k-train serving artifact (e.g. the 50-task pretrain for a fine-tune): every module's weights.
+            # Registry URIs (export:models:/NAME@champion) resolve to a cached local copy.
             from checkpoints.export import MODEL_FILE
+            from checkpoints.model_uri import resolve_model_url
             from trainer.parallel import load_full_state_dict
+
+            path = resolve_model_url(path)
 
             load_full_state_dict(model, read_safetensors(storage.join(path, MODEL_FILE)))
             log.info("initialised from the export %s", path)
@@ -126,7 +130,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     print(f"[train] rank {rank}/{world}: starting at step {step} with {accum} micro-batches per step "
           f"(rendezvous {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})", flush=True)
     tracker = make_tracker(rank)
-    manager.tracking_run_id = tracker.start(run_dir_uri=loop_config["run_dir"], experiment="b1k-train",
+    manager.tracking_run_id = tracker.start(run_dir_uri=loop_config["run_dir"],
+                                            experiment=loop_config.get("experiment", "b1k-train"),
                                             run_name=loop_config["run_name"],
                                             resume_run_id=manager.tracking_run_id,
                                             tracking_uri=loop_config.get("tracking_uri"),
@@ -161,7 +166,8 @@ def _export(engine, cfg, model_cfg, config_dict, data, loop_config, rank, tracke
     with tempfile.TemporaryDirectory(prefix="b1k-export-") as tmp:
         export_artifact(out, state_dict=state, model_config_name=cfg.model, model_config=model_cfg,
                         train_config=config_dict, norm_stats_url=data.norm_stats,
-                        fast_tokenizer_url=data.fast_tokenizer, step=step, keep_copy_in=tmp)
+                        fast_tokenizer_url=data.fast_tokenizer, step=step, keep_copy_in=tmp,
+                        extra_state={"mlflow_run_id": tracker.run_id} if tracker.run_id else None)
         log.info("exported the serving artifact of step %d to %s", step, out)
         print(f"[train] exported step {step} to {out}", flush=True)
         if loop_config.get("export_only"):  # `b1k-train export` of some checkpoint: not the run's final model

@@ -45,6 +45,9 @@ def _parse(text: str, tp: Any, key: str) -> Any:
         return int(number)
     if tp is str:
         return text
+    if origin is tuple and hasattr(typing.get_args(tp)[0], "from_text"):
+        # Records with their own text form, separated by ';' (e.g. subsets=ckpt1:0,1;ckpt2:40).
+        return tuple(typing.get_args(tp)[0].from_text(v.strip()) for v in text.split(";") if v.strip())
     if origin is tuple:
         try:
             value = json.loads(text) if text.strip().startswith("[") else [v for v in text.split(",") if v != ""]

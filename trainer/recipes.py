@@ -11,6 +11,7 @@ from typing import Callable
 
 from trainer.config import DataConfig, TrainConfig
 from trainer.optim import OptimConfig
+from trainer.pipeline_config import EvalConfig, FinetuneConfig, PipelineConfig, SubsetSpec
 
 
 def pi_behavior_b1k() -> TrainConfig:
@@ -67,8 +68,63 @@ RECIPES: dict[str, Callable[[], TrainConfig]] = {
 }
 
 
+# --- pipelines (`b1k-train pipeline`): a pretrain recipe, the fine-tune subsets and the evaluation ---------------
+
+# The 1st-place solution's four fine-tunes (pi_behavior.md §4.5): 20 / 16 / 13 / 1 tasks, task 40 alone.
+SEED_SUBSETS = (
+    SubsetSpec(name="ckpt1", tasks=(2, 3, 5, 6, 10, 11, 13, 14, 15, 19, 23, 24, 25, 28, 29, 34, 42, 44, 47, 48)),
+    SubsetSpec(name="ckpt2", tasks=(0, 1, 7, 8, 9, 12, 16, 17, 18, 20, 21, 22, 26, 30, 43, 45)),
+    SubsetSpec(name="ckpt3", tasks=(4, 27, 31, 32, 33, 35, 36, 37, 38, 39, 41, 46, 49)),
+    SubsetSpec(name="ckpt4", tasks=(40,)),
+)
+
+
+def pi_behavior_b1k_2stage() -> PipelineConfig:
+    """The 1st-place recipe as one job: 50-task pretrain, then the seed's four subset fine-tunes (20/16/13/1 tasks).
+
+    The fine-tune schedule is ours: the seed's per-group learning rates and step counts are unpublished.
+    """
+    return PipelineConfig(recipe="pi_behavior_b1k_2stage", train=pi_behavior_b1k(), subsets=SEED_SUBSETS,
+                          finetune=FinetuneConfig(), eval=EvalConfig(), model_prefix="pi-behavior")
+
+
+def pi_behavior_debug_2stage() -> PipelineConfig:
+    """Tiny two-stage pipeline on synthetic data: 3 tasks, fine-tunes {0,1} and {40}; minutes on a CPU."""
+    base = pi_behavior_debug()
+    train = dataclasses.replace(
+        base, num_steps=10, save_every=5, log_every=2,
+        data=dataclasses.replace(base.data, synth_tasks=(0, 1, 40), synth_episodes_per_task=2, synth_frames=60))
+    return PipelineConfig(
+        recipe="pi_behavior_debug_2stage", train=train,
+        subsets=(SubsetSpec(name="ckpt1", tasks=(0, 1)), SubsetSpec(name="ckpt4", tasks=(40,))),
+        finetune=FinetuneConfig(num_steps=6, peak_lr=1e-3, warmup_steps=1, decay_steps=6, final_lr=1e-4,
+                                save_every=2),
+        eval=EvalConfig(holdout_fraction=0.5, max_samples_per_task=24, batch_size=8),
+        model_prefix="pi-behavior-debug")
+
+
+PIPELINES: dict[str, Callable[[], PipelineConfig]] = {
+    "pi_behavior_b1k_2stage": pi_behavior_b1k_2stage,
+    "pi_behavior_debug_2stage": pi_behavior_debug_2stage,
+}
+
+
 def recipe_names() -> list[str]:
     return sorted(RECIPES)
+
+
+def get_pipeline(name: str) -> PipelineConfig:
+    """The pipeline recipe's config; an unknown name raises ValueError with the closest match and the list."""
+    if name not in PIPELINES:
+        hint = difflib.get_close_matches(name, list(PIPELINES), n=1)
+        raise ValueError(f"unknown pipeline recipe {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+                         + f" (pipelines: {', '.join(sorted(PIPELINES))})")
+    return PIPELINES[name]()
+
+
+def pipelines_help() -> str:
+    return "pipelines: " + "; ".join(f"{n} - {(PIPELINES[n].__doc__ or '').splitlines()[0]}"
+                                     for n in sorted(PIPELINES))
 
 
 def get_recipe(name: str) -> TrainConfig:
