@@ -53,8 +53,8 @@ def lookup(uri: str, *, tracking_uri: str | None = None) -> ModelRef:
     try:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as e:
-        raise FileNotFoundError(f"{uri}: no such model version in the registry at {uri_tracking} ({e.message}); list them "
-                          f"with `b1k-train promote {name} --list`") from e
+        raise FileNotFoundError(f"{uri}: no such model version in the registry at {uri_tracking} ({e.message}); "
+                                f"list them with `b1k-train promote {name} --list`") from e
     return ModelRef(name=name, version=str(mv.version), alias=alias, source=mv.source)
 
 

@@ -34,7 +34,8 @@ def holdout_episodes(manifest: Manifest, *, fraction: float, seed: int, tasks: I
     depend on which other episodes exist, so adding data never moves an episode between train and held-out
     unless the count per task changes."""
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}; e.g. --set eval.holdout_fraction=0.05")
+        raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}; "
+                         f"e.g. --set eval.holdout_fraction=0.05")
     by_task = episodes_by_task(manifest)
     wanted = sorted(by_task) if tasks is None else sorted(set(tasks))
     missing = [t for t in wanted if t not in by_task]

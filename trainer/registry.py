@@ -68,9 +68,9 @@ def eval_tags(result: dict[str, Any]) -> dict[str, str]:
 
 def log_eval_to_run(mlflow_client, run_id: str, result: dict[str, Any], *, step: int, local_json: str) -> None:
     """Held-out metrics on the training run (eval/... at the model's step) and the full result as eval/eval.json."""
-    from mlflow.entities import Metric
-
     import time
+
+    from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     metrics = {"eval/action_mse": result["overall"]["action_mse"],
