@@ -92,23 +92,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from trainer.overrides import apply_overrides
-    from trainer.pipeline import Pipeline
+    from trainer.pipeline import Pipeline, print_outcome
     from trainer.recipes import get_pipeline
-    from trainer.registry import client, describe
 
     cfg = apply_overrides(get_pipeline(args.recipe), args.set or [])
     summary = Pipeline(cfg, run_name=args.run_name, storage_url=args.storage, workers=args.workers,
                        tracking_uri=args.tracking_uri).run()
-    print("\n== registered models (MLflow registry at " + summary["tracking_uri"] + ")")
-    names = [v["model"] for v in summary["models"].values()]
-    for m in describe(client(summary["tracking_uri"]), names):
-        for v in m["versions"]:
-            print(f"  {m['name']:28s} v{v['version']:<3s} aliases={','.join(v['aliases']) or '-':20s} "
-                  f"tasks={v['tasks']} held-out mse={v['eval_mse']}")
-    print(f"\ntask -> checkpoint mapping: {summary['mapping']}")
-    print(f"eval heat-map: {summary['heatmap']}")
-    print(f"summary: {summary['root']}/pipeline.json")
-    print(f"use the registry from a shell: export MLFLOW_TRACKING_URI={summary['tracking_uri']}")
+    print_outcome(summary)
     return 0
 
 
@@ -139,14 +129,11 @@ PROMOTE_REFUSED = 3  # exit status when the challenger does not beat the champio
 def _cmd_promote(args: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate_export
     from trainer.pipeline_config import PromotionConfig
-    from trainer.registry import client, describe, promote
+    from trainer.registry import client, format_models, promote
 
     c = client(args.tracking_uri)
     if args.list:
-        for m in describe(c, [args.model]):
-            for v in m["versions"]:
-                print(f"{m['name']} v{v['version']} aliases={','.join(v['aliases']) or '-'} tasks={v['tasks']} "
-                      f"held-out mse={v['eval_mse']} source={v['source']}")
+        print(format_models(c, [args.model]))
         return 0
     rule = PromotionConfig(policy=args.policy, min_improvement=args.min_improvement,
                            max_task_regression=args.max_task_regression)
@@ -171,7 +158,7 @@ def _pipelines_epilog() -> str:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from trainer.demo import run_demo
 
-    return run_demo(args.workdir, seed=args.seed)
+    return run_demo(args.workdir, seed=args.seed, overrides=args.set or [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,9 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--list", action="store_true", help="list the versions and aliases instead")
     pr.set_defaults(func=_cmd_promote)
 
-    d = sub.add_parser("demo", help="the main job on the embedded default: synth -> shard -> stats -> stream")
+    d = sub.add_parser("demo", help="the main job on the embedded default: the tiny two-stage pipeline on synthetic "
+                       "data (local Ray, local MLflow), then promotion; prints models, aliases, eval table, mapping")
     d.add_argument("--workdir", default="outputs/demo")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a pipeline field (see pipeline)")
     d.set_defaults(func=_cmd_demo)
     return p
 

@@ -285,6 +285,18 @@ class Pipeline:
         return out
 
 
+def print_outcome(summary: dict[str, Any], out: Callable[[str], None] = print) -> None:
+    """What a finished pipeline leaves behind: registered models and aliases, mapping, heat-map, registry URI."""
+    from trainer.registry import client, format_models
+
+    out(f"\n== registered models (MLflow registry at {summary['tracking_uri']})")
+    out(format_models(client(summary["tracking_uri"]), [v["model"] for v in summary["models"].values()]))
+    out(f"\ntask -> checkpoint mapping: {summary['mapping']}")
+    out(f"eval heat-map: {summary['heatmap']}")
+    out(f"summary: {summary['root']}/pipeline.json")
+    out(f"use the registry from a shell: export MLFLOW_TRACKING_URI={summary['tracking_uri']}")
+
+
 def concurrent_slots(resources: dict[str, float], *, workers_per_job: int, jobs: int) -> int:
     """How many fine-tunes of `workers_per_job` workers fit in the cluster at once (GPUs if it has any, else
     CPUs, one per worker); at least 1, at most `jobs`."""

@@ -209,3 +209,13 @@ def describe(mlflow_client, names: list[str]) -> list[dict[str, Any]]:
              "tasks": json.loads(v.tags.get("b1k.tasks", "[]")), "eval_mse": v.tags.get("b1k.eval.action_mse"),
              "source": v.source} for v in sorted(versions, key=lambda v: int(v.version))]})
     return out
+
+
+def format_models(mlflow_client, names: list[str]) -> str:
+    """One line per version: name, version, aliases, tasks, held-out MSE."""
+    lines = []
+    for m in describe(mlflow_client, names):
+        for v in m["versions"]:
+            lines.append(f"  {m['name']:28s} v{v['version']:<3s} aliases={','.join(v['aliases']) or '-':20s} "
+                         f"tasks={v['tasks']} held-out mse={v['eval_mse']}")
+    return "\n".join(lines)
