@@ -26,7 +26,8 @@ def test_default_pipeline_uses_the_seeds_four_groups_covering_50_tasks_once():
 
 def test_subset_overrides_and_validation():
     cfg = apply_overrides(get_pipeline("pi_behavior_debug_2stage"),
-                          ["subsets=a:40,0;b:1", "finetune.num_steps=3", "train.num_steps=4", "eval.max_samples_per_task=9"])
+                          ["subsets=a:40,0;b:1", "finetune.num_steps=3", "train.num_steps=4",
+                           "eval.max_samples_per_task=9"])
     assert cfg.subsets == (SubsetSpec(name="a", tasks=(0, 40)), SubsetSpec(name="b", tasks=(1,)))
     assert (cfg.finetune.num_steps, cfg.train.num_steps, cfg.eval.max_samples_per_task) == (3, 4, 9)
     with pytest.raises(ValueError, match="task 1 is in subsets 'a' and 'b'"):

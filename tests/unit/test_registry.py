@@ -28,7 +28,8 @@ def client(tmp_path):
 def _new(client, per_task, **kw):
     run = client.create_run(client.get_experiment_by_name("e").experiment_id)
     mv, created = register(client, name="m", run_id=run.info.run_id, export_url="s3://b/x/export",
-                           has_run_artifact=False, tags={"b1k.tasks": json.dumps([0, 1]), **eval_tags(_result(per_task, **kw))})
+                           has_run_artifact=False,
+                           tags={"b1k.tasks": json.dumps([0, 1]), **eval_tags(_result(per_task, **kw))})
     assert created
     return str(mv.version), run.info.run_id
 
