@@ -1,22 +1,36 @@
-"""The README's main job (`b1k-train demo`) runs end to end and reports what it promises."""
+"""The README's main job (`b1k-train demo`): the two-stage pipeline on the embedded default, then promotion."""
 
+import json
+import os
 import re
 import subprocess
 import sys
 
+import pytest
 
-def test_demo_runs_and_reports_shapes_and_rate(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "trainer", "demo", "--workdir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0, out.stderr[-3000:]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_demo_runs_the_pipeline_registers_promotes_and_reports(tmp_path):
+    cmd = [sys.executable, "-m", "trainer", "demo", "--workdir", str(tmp_path),
+           "--set", "train.num_steps=4", "--set", "finetune.num_steps=2"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # embedded default: local SQLite
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout
-    assert re.search(r"images\s+\(16, 3, 224, 224, 3\)\s+torch.uint8", text)
-    assert re.search(r"actions\s+\(16, 30, 32\)\s+torch.float32", text)
-    rate = float(re.search(r"loader rate after warm-up: ([0-9.]+) samples/s", text).group(1))
-    assert rate > 0
-    assert (tmp_path / "shards" / "manifest.json").exists()
-    assert (tmp_path / "shards" / "norm_stats.json").exists()
-    # A second run reuses every finished stage.
-    again = subprocess.run([sys.executable, "-m", "trainer", "demo", "--workdir", str(tmp_path)],
-                           capture_output=True, text=True, timeout=400)
-    assert again.returncode == 0 and "dataset already present" in again.stdout
+    root = tmp_path / "runs" / "demo"
+    # Models, aliases, the eval table and the mapping's location are printed.
+    for model in ("pi-behavior-debug-ckpt1", "pi-behavior-debug-ckpt4"):
+        assert re.search(rf"{model}\s+v1\s+aliases=challenger,champion", text), text[-3000:]
+    assert re.search(r"pi-behavior-debug-pretrain\s+v1\s+aliases=challenger ", text)
+    assert re.search(r"task\s+model\s+mse\s+base_mse", text)
+    assert f"task -> checkpoint mapping: {root}/task_checkpoint_mapping.json" in text
+    mapping = json.loads((root / "task_checkpoint_mapping.json").read_text())
+    assert sorted(t for c in mapping["checkpoints"].values() for t in c["tasks"]) == [0, 1, 40]
+    assert (root / "eval" / "heatmap.png").stat().st_size > 1000
+    assert f"export MLFLOW_TRACKING_URI=sqlite:///{root}/mlflow/mlflow.db" in text
+    # A second run reuses every finished stage and keeps the champions.
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "pretrain: done" in again.stdout and "[train]" not in again.stdout + again.stderr
+    assert again.stdout.count("already is @champion") == 2

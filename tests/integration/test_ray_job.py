@@ -1,0 +1,96 @@
+"""`ray job submit` of the pipeline to a running Ray cluster (a head started with `ray start`, as on a VM or in
+KubeRay), with storage on the S3 server and the registry on the MLflow server passed in the job's runtime env."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+import pytest
+
+from tests.integration.conftest import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _ray_bin() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray head on 127.0.0.1 started by `ray start`; yields the dashboard (job API) address. Its processes are
+    found by their private temp dir and killed at the end, leaving other clusters on the machine alone."""
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
+    dash = free_port()
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    cmd = [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+           "--disable-usage-stats", "--include-dashboard=true"]
+    started = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+    try:
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        procs = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(temp_dir in part for part in p.info["cmdline"] or []):
+                    procs.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=20)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_the_pipeline_and_registers(ray_head, s3_bucket, s3_endpoint, s3fs_client,
+                                                        mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    store = f"{s3_bucket}/jobs"
+    runtime_env = {"env_vars": {
+        "AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_TRACKING_URI": mlflow_server,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}}
+    (tmp_path / "runtime_env.json").write_text(json.dumps(runtime_env))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    submission_id = f"b1k-pipeline-{int(time.time())}"
+    submit = [_ray_bin(), "job", "submit", "--address", ray_head, "--submission-id", submission_id,
+              "--runtime-env-json", json.dumps(runtime_env), "--entrypoint-num-cpus", "0", "--no-wait", "--",
+              sys.executable, "-m", "trainer", "pipeline", "pi_behavior_debug_2stage", "--run-name", "job",
+              "--storage", store, "--set", "train.num_steps=4", "--set", "finetune.num_steps=2",
+              "--set", "subsets=all:0,1,40", "--set", "eval.include_pretrain=false", "--set", "model_prefix=itest-job"]
+    out = subprocess.run(submit, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    jobs = JobSubmissionClient(ray_head)
+    deadline = time.monotonic() + 600
+    status = jobs.get_job_status(submission_id)
+    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.monotonic() < deadline:
+        time.sleep(2.0)
+        status = jobs.get_job_status(submission_id)
+    logs = jobs.get_job_logs(submission_id)
+    assert status == JobStatus.SUCCEEDED, logs[-5000:]
+    # The job attached to the running cluster (it did not start its own) and went through every stage.
+    assert "Connecting to existing Ray cluster" in logs or "connected to Ray cluster" in logs.lower(), logs[:3000]
+    assert "== register: itest-job-all version 1 (new, @challenger)" in logs
+
+    client = MlflowClient(mlflow_server)
+    mv = client.get_model_version_by_alias("itest-job-all", "challenger")
+    assert json.loads(mv.tags["b1k.tasks"]) == [0, 1, 40] and mv.tags["b1k.pipeline"] == "job"
+    mapping = json.loads(s3fs_client.cat(f"{store}/job/task_checkpoint_mapping.json"))
+    assert mapping["checkpoints"]["all"]["tasks"] == [0, 1, 40]
+    assert mapping["checkpoints"]["all"]["model_uri"] == "models:/itest-job-all/1"
