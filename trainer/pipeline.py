@@ -124,6 +124,7 @@ class Pipeline:
         stages = self._stages(data)
         trained = self._timed("train", lambda: self._train(stages))
         results = self._timed("eval", lambda: self._evaluate(stages, client))
+        _release_ray()
         versions = self._timed("register", lambda: self._register(stages, data, results, client))
         from trainer.pipeline_report import report
 
@@ -295,6 +296,15 @@ def print_outcome(summary: dict[str, Any], out: Callable[[str], None] = print) -
     out(f"eval heat-map: {summary['heatmap']}")
     out(f"summary: {summary['root']}/pipeline.json")
     out(f"use the registry from a shell: export MLFLOW_TRACKING_URI={summary['tracking_uri']}")
+
+
+def _release_ray() -> None:
+    """Done with the cluster: disconnect (stopping a local one we started), which also flushes the workers' logs
+    before the report is printed."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def concurrent_slots(resources: dict[str, float], *, workers_per_job: int, jobs: int) -> int:
