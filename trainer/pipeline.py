@@ -33,7 +33,8 @@ from trainer.supervisor import RunFailedError, parse_workers
 log = logging.getLogger(__name__)
 
 # Fields that may change between invocations of the same pipeline: they do not change what it produces.
-_MUTABLE_PREFIXES = ("train.fault.", "train.resilience.", "eval.num_gpus", "promotion.", "finetune.workers")
+_MUTABLE_PREFIXES = ("train.fault.", "train.resilience.", "eval.num_gpus", "promotion.", "finetune.workers",
+                     "finetune.max_concurrent")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +185,8 @@ class Pipeline:
             return trained
         init_ray(max(self.workers[1], self.ft_workers[1]))
         at_once = concurrent_slots(ray.cluster_resources(), workers_per_job=self.ft_workers[1], jobs=len(todo))
+        if self.cfg.finetune.max_concurrent:
+            at_once = min(at_once, self.cfg.finetune.max_concurrent)
         self.out(f"== fine-tunes {[s.name for s in todo]}: {at_once} at a time "
                  f"(cluster {dict((k, v) for k, v in ray.cluster_resources().items() if k in ('CPU', 'GPU'))}, "
                  f"{self.ft_workers[1]} worker(s) each)")
@@ -198,8 +201,11 @@ class Pipeline:
             except BaseException as e:  # noqa: BLE001 - the others go on; reported together below
                 errors[st.name] = e
 
+        t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="finetune") as pool:
             list(pool.map(one, todo))
+        self.timings["finetunes"] = {"seconds": round(time.perf_counter() - t0, 1), "concurrent": at_once,
+                                     "count": len(todo)}
         if errors:
             first = next(iter(errors.values()))
             if isinstance(first, (ValueError, FileNotFoundError)) and len(errors) == len(todo):

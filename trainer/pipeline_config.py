@@ -50,11 +50,14 @@ class FinetuneConfig:
     final_lr: float = 2.5e-6
     save_every: int = 500
     workers: str = ""  # Ray Train workers per fine-tune ("" = the pipeline's --workers)
+    max_concurrent: int = 0  # fine-tunes running at once; 0 = as many as the cluster has room for
 
     def __post_init__(self) -> None:
         for name in ("num_steps", "save_every", "decay_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"finetune.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_concurrent < 0:
+            raise ValueError(f"finetune.max_concurrent must be >= 0 (0 = as many as fit), got {self.max_concurrent}")
         if self.peak_lr <= 0 or self.final_lr < 0 or self.warmup_steps < 0:
             raise ValueError("finetune.peak_lr must be > 0, final_lr >= 0 and warmup_steps >= 0")
 
