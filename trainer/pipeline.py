@@ -184,11 +184,12 @@ class Pipeline:
         if not todo:
             return trained
         init_ray(max(self.workers[1], self.ft_workers[1]))
-        at_once = concurrent_slots(ray.cluster_resources(), workers_per_job=self.ft_workers[1], jobs=len(todo))
+        free = ray.available_resources()  # what other jobs on a shared cluster leave
+        at_once = concurrent_slots(free, workers_per_job=self.ft_workers[1], jobs=len(todo))
         if self.cfg.finetune.max_concurrent:
             at_once = min(at_once, self.cfg.finetune.max_concurrent)
         self.out(f"== fine-tunes {[s.name for s in todo]}: {at_once} at a time "
-                 f"(cluster {dict((k, v) for k, v in ray.cluster_resources().items() if k in ('CPU', 'GPU'))}, "
+                 f"(free in the cluster: {dict((k, v) for k, v in free.items() if k in ('CPU', 'GPU'))}, "
                  f"{self.ft_workers[1]} worker(s) each)")
         errors: dict[str, BaseException] = {}
 
