@@ -100,7 +100,8 @@ def test_mlflow_server_sees_params_and_a_resumed_run_appends(prepared, tmp_path,
     assert {"export/model.safetensors", "export/config.json", "export/norm_stats.json", "export/state.json",
             "export/fast_tokenizer"} <= exported
     local = client.download_artifacts(run_id, "export/state.json", str(tmp_path / "dl"))
-    assert json.load(open(local)) == {"global_step": 6}
+    # The export names its step and the run it came from (the registry uses that run id as the model's source).
+    assert json.load(open(local)) == {"global_step": 6, "mlflow_run_id": run_id}
     # Retention: keep_last=1 committed checkpoint, plus every keep_period multiple copied to kept/.
     run_dir = second["run_dir"]
     assert sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_0")) == ["checkpoint_000000006"]
