@@ -5,6 +5,7 @@
                             "train": the flattened training config}
     norm_stats.json        the normalisation statistics the model was trained with
     fast_tokenizer/        FAST tokenizer files (tokenizer.json, fast_config.json)
+    serving.json           the policy server's inference-time control settings (serving/config.py)
     state.json             {"global_step": n, "mlflow_run_id": id of the training run (when tracked)}
 
 Files are written to a local staging directory and uploaded, with state.json last: a reader that finds
@@ -24,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from data_loaders import storage
+from serving.config import SERVING_FILE, ServingConfig
 
 MODEL_FILE, CONFIG_FILE, STATE_FILE, NORM_FILE, FAST_DIR = (
     "model.safetensors", "config.json", "state.json", "norm_stats.json", "fast_tokenizer")
@@ -40,7 +42,8 @@ def _copy_url(src: str, dst_local: str) -> None:
 def export_artifact(out_url: str, *, state_dict: dict[str, torch.Tensor], model_config_name: str,
                     model_config: Any, train_config: dict[str, Any], norm_stats_url: str,
                     fast_tokenizer_url: str, step: int, keep_copy_in: str | None = None,
-                    extra_state: dict[str, Any] | None = None) -> str:
+                    extra_state: dict[str, Any] | None = None,
+                    serving_config: ServingConfig | None = None) -> str:
     """Write a serving artifact for `state_dict` to `out_url` (local or s3://); returns out_url.
 
     With `keep_copy_in` (an empty local directory) the same files, state.json included, also stay there, e.g.
@@ -54,6 +57,8 @@ def export_artifact(out_url: str, *, state_dict: dict[str, torch.Tensor], model_
                   "model": dataclasses.asdict(model_config), "train": train_config}
         with open(os.path.join(staging, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=1, sort_keys=True, default=list)
+        with open(os.path.join(staging, SERVING_FILE), "w") as f:
+            f.write((serving_config or ServingConfig()).to_json())
         _copy_url(norm_stats_url, os.path.join(staging, NORM_FILE))
         _copy_url(fast_tokenizer_url, os.path.join(staging, FAST_DIR))
         fs, path = storage.resolve(out_url)

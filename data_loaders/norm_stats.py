@@ -10,7 +10,11 @@ written with full float64 precision, so a save/load round trip is exact):
                     "per_timestamp_mean": [30][32], "per_timestamp_std": [30][32],
                     "action_correlation_cholesky": [960][960]}},
      "meta": {"format": "b1k-train-norm-stats", "version": 1, "num_frames", "num_chunks", "num_full_chunks",
-              "sample_fraction", "seed", "manifest_sha256", "correlation_jitter", "constant_std"}}
+              "sample_fraction", "seed", "manifest_sha256", "correlation_jitter", "constant_std"},
+     "control": {"gripper_closure": {"frames": [50][15], "closed": [50][15][2], "close_action": 0.0}}}
+
+"control" is optional (data_loaders/gripper_stats.py): where the demonstrations close each gripper, per task and
+stage, for the policy server's gripper correction.
 
 Conventions (pi_behavior §2.2-2.4):
 - "actions" are delta actions: a[t+k] - s[t] on DELTA_ACTION_MASK dims, absolute elsewhere.
@@ -38,6 +42,7 @@ import numpy as np
 
 from data_loaders import storage
 from data_loaders.behavior_facts import ACTION_DIM, ACTION_HORIZON, MODEL_DIM, STATE_DIM
+from data_loaders.gripper_stats import GripperClosure
 
 FORMAT_NAME = "b1k-train-norm-stats"
 FORMAT_VERSION = 1
@@ -100,6 +105,9 @@ class NormStats:
     seed: int
     manifest_sha256: str  # sha256 of the canonical manifest.json the stats were computed from
     correlation_jitter: float  # eps with L @ L.T = C + eps * I
+    # Where the demonstrations close each gripper (serving's gripper correction); None in stats written
+    # before the table existed, or computed without task/stage labels.
+    gripper_closure: GripperClosure | None = None
 
     def __post_init__(self) -> None:
         for _, _, name, shape in _ARRAYS:
@@ -124,7 +132,7 @@ class NormStats:
         if not isinstance(other, NormStats):
             return NotImplemented
         return all(np.array_equal(getattr(self, n), getattr(other, n)) for _, _, n, _ in _ARRAYS) and all(
-            getattr(self, n) == getattr(other, n) for n, _ in _META)
+            getattr(self, n) == getattr(other, n) for n, _ in _META) and self.gripper_closure == other.gripper_closure
 
     def regularized_correlation_cholesky(self, beta: float = 0.5) -> np.ndarray:
         """chol(beta * L L^T + (1 - beta) * I), the shrunk noise factor of pi_behavior §1.9 (float64, 960x960).
@@ -145,6 +153,8 @@ class NormStats:
             doc["norm_stats"][section][key] = getattr(self, name).tolist()
         for name, _ in _META:
             doc["meta"][name] = getattr(self, name)
+        if self.gripper_closure is not None:
+            doc["control"] = {"gripper_closure": self.gripper_closure.to_dict()}
         # Compact: the 960x960 factor would be ~1M lines if indented.
         return json.dumps(doc, separators=(",", ":")) + "\n"
 
@@ -165,6 +175,8 @@ class NormStats:
                 kwargs[name] = np.asarray(doc["norm_stats"][section][key], dtype=np.float64)
             for name, _ in _META:
                 kwargs[name] = meta[name]
+            closure = doc.get("control", {}).get("gripper_closure")
+            kwargs["gripper_closure"] = None if closure is None else GripperClosure.from_dict(closure)
         except KeyError as e:
             raise ValueError(f"{where}: missing field {e.args[0]!r}; re-run `b1k-train data stats`") from e
         except (TypeError, ValueError) as e:  # ragged or non-numeric lists

@@ -155,6 +155,26 @@ def _pipelines_epilog() -> str:
     return pipelines_help()
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from serving.router import ModelRouter
+    from serving.server import PolicyServer
+
+    router = ModelRouter(args.model, memory_budget_bytes=int(args.memory_budget_gb * 2**30), device=args.device,
+                         overrides=args.set or [])
+    server = PolicyServer(router, host=args.host, port=args.port, batch_window_ms=args.batch_window_ms,
+                          max_batch=1 if args.no_batching else args.max_batch)
+    server.serve_forever()
+    return 0
+
+
+def _serving_settings() -> str:
+    import dataclasses
+
+    from serving.config import ServingConfig
+
+    return ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(ServingConfig))
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from trainer.demo import run_demo
 
@@ -272,6 +292,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
     pr.add_argument("--list", action="store_true", help="list the versions and aliases instead")
     pr.set_defaults(func=_cmd_promote)
+
+    sv = sub.add_parser("serve", help="websocket policy server for the BEHAVIOR 2025 evaluator (eval.py "
+                        "policy=websocket)", epilog=f"serving settings (--set KEY=VALUE): {_serving_settings()}")
+    sv.add_argument("--model", required=True, help="export directory, s3:// URL, models:/NAME@ALIAS, or a "
+                    "task_checkpoint_mapping.json routing each task to its checkpoint")
+    sv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept evaluators from other machines")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
+    sv.add_argument("--batch-window-ms", type=float, default=2.0,
+                    help="how long a request waits for other connections' requests to batch with")
+    sv.add_argument("--max-batch", type=int, default=16)
+    sv.add_argument("--no-batching", action="store_true", help="one request per inference")
+    sv.add_argument("--memory-budget-gb", type=float, default=8.0,
+                    help="resident models beyond this are unloaded, least recently used first")
+    sv.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a serving setting (below)")
+    sv.set_defaults(func=_cmd_serve)
 
     d = sub.add_parser("demo", help="the main job on the embedded default: the tiny two-stage pipeline on synthetic "
                        "data (local Ray, local MLflow), then promotion; prints models, aliases, eval table, mapping")

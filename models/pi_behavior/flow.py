@@ -181,8 +181,14 @@ class Inpainter:
     """
 
     def __init__(self, sigma_reg: np.ndarray | Tensor, *, dim: int = MODEL_DIM,
-                 threshold: float = INPAINT_TIME_THRESHOLD, max_correction: float = INPAINT_MAX_CORRECTION) -> None:
-        """`sigma_reg` is the (H*D, H*D) noise covariance, the same one the noise is drawn from."""
+                 threshold: float = INPAINT_TIME_THRESHOLD, max_correction: float = INPAINT_MAX_CORRECTION,
+                 per_sample_guard: bool = False) -> None:
+        """`sigma_reg` is the (H*D, H*D) noise covariance, the same one the noise is drawn from.
+
+        `per_sample_guard`: decide the max_correction skip per batch row instead of once for the whole batch (the
+        reference's rule). A server batching unrelated clients uses it, so a client's chunk does not depend on
+        who shares its batch; at batch size 1 both rules are the same.
+        """
         sigma = torch.as_tensor(sigma_reg).detach().to(device="cpu", dtype=torch.float64)
         if sigma.ndim != 2 or sigma.shape[0] != sigma.shape[1] or sigma.shape[0] % dim:
             raise ValueError(f"sigma_reg must be square with a size divisible by dim={dim}, got {tuple(sigma.shape)}")
@@ -191,6 +197,7 @@ class Inpainter:
         self.horizon = sigma.shape[0] // dim
         self.threshold = threshold
         self.max_correction = max_correction
+        self.per_sample_guard = per_sample_guard
         self._maps: dict[tuple[int, int], Tensor] = {}  # (k, dim) -> float64 CPU M
         self._device_maps: dict[tuple[int, int, torch.device, torch.dtype], Tensor] = {}
 
@@ -255,8 +262,12 @@ class Inpainter:
         x_des_BO = (1.0 - t_new) * state.x0_BO + t_new * state.z_BO
         delta_BO = x_des_BO - x_BF[:, :o]
         delta_BU = delta_BO @ state.m_UO.mT
-        # One decision for the whole batch, like the reference; a NaN delta also fails the test and is skipped.
-        ok = delta_BU.abs().amax() <= self.max_correction
+        # One decision for the whole batch, like the reference, unless per_sample_guard; a NaN delta also fails
+        # the test and is skipped.
+        if self.per_sample_guard:
+            ok = (delta_BU.abs().amax(dim=1, keepdim=True) <= self.max_correction)
+        else:
+            ok = delta_BU.abs().amax() <= self.max_correction
         x_BU = torch.where(ok, x_BF[:, o:] + delta_BU, x_BF[:, o:])
         return torch.cat([x_des_BO.to(x.dtype), x_BU.to(x.dtype)], dim=1).reshape(x.shape)
 

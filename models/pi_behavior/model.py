@@ -89,6 +89,15 @@ class PiBehavior(nn.Module):
         device = next(self.parameters()).device
         self.noise = CorrelatedNoise(torch.as_tensor(cholesky), beta=self.cfg.correlation_beta,
                                      dim=self.cfg.action_dim).to(device)
+        self._inpainters = {}
+
+    def _inpainter(self, per_sample_guard: bool) -> Inpainter:
+        # Cached per noise: its conditional map M costs a 128x128 solve per k, paid once instead of per chunk.
+        cache = self.__dict__.setdefault("_inpainters", {})
+        if per_sample_guard not in cache:
+            cache[per_sample_guard] = Inpainter.for_noise(self.noise, threshold=self.cfg.inpaint_time_threshold,
+                                                          per_sample_guard=per_sample_guard)
+        return cache[per_sample_guard]
 
     def init_weights(self) -> None:
         """(Re)initialise every parameter and buffer, e.g. after materialising a model built on the meta device."""
@@ -235,19 +244,22 @@ class PiBehavior(nn.Module):
 
     @torch.no_grad()
     def sample_actions(self, batch: dict[str, torch.Tensor], *, num_steps: int | None = None,
-                       initial_actions: torch.Tensor | None = None, generator: torch.Generator | None = None
+                       initial_actions: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                       noise: torch.Tensor | None = None, per_sample_guard: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised action chunk (B, H, A) and stage logits (B, stages) from one prefix pass + Euler steps.
 
         `initial_actions` (B, k, A): normalised kept actions for soft, correlation-aware inpainting (§4.1).
+        `noise` (B, H, A): the x at t = 1 (default: drawn from self.noise with `generator`).
+        `per_sample_guard`: the inpainting's max-correction skip is decided per row (see Inpainter).
         """
         out, ks, vs, valid, _ = self.prefix_cache(batch, with_fast=False)
         logits = self.stage_logits(out, batch["task"])
         b = out.shape[0]
-        z = self.noise.sample((b,), generator=generator)
+        z = self.noise.sample((b,), generator=generator) if noise is None else noise.to(out.device, torch.float32)
         inpaint = None
         if initial_actions is not None:
-            inpainter = Inpainter.for_noise(self.noise, threshold=self.cfg.inpaint_time_threshold)
+            inpainter = self._inpainter(per_sample_guard)
             state = inpainter.start(initial_actions.float(), z)
 
             def inpaint(x: torch.Tensor, t_new: float) -> torch.Tensor:

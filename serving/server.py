@@ -1,0 +1,202 @@
+"""The websocket policy server the BEHAVIOR 2025 evaluator (`eval.py policy=websocket`) talks to.
+
+Protocol (behavior_data_and_protocol §4-5): `GET /healthz` is 200 once the models are validated and the first
+one is loaded, 503 before. A websocket (no size limit, no compression) gets one binary msgpack metadata frame on
+connect; then each binary observation gets a binary `{"action": float32 (23,), "server_timing": {...}}` reply,
+and `{"reset": true}` gets no reply and clears that connection's control state. Anything malformed gets a text
+frame naming the problem, then close code 1011; other connections are not affected.
+
+Admin: `GET /admin/status` (JSON: models, resident set, batch sizes) and `GET /admin/reload` (re-resolve registry
+aliases; SIGHUP does the same), both without dropping connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import itertools
+import json
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+import numpy as np
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from data_loaders.behavior_facts import NUM_TASKS
+from serving.batcher import InferenceBatcher
+from serving.control.session import ControlSession
+from serving.observation import parse_observation
+from serving.router import ModelRouter
+from serving.wire import ProtocolError, pack, unpack
+
+log = logging.getLogger(__name__)
+CLOSE_INTERNAL_ERROR = 1011
+
+
+class PolicyServer:
+    def __init__(self, router: ModelRouter, *, host: str = "127.0.0.1", port: int = 8000,
+                 batch_window_ms: float = 2.0, max_batch: int = 16, exit_on_startup_error: bool = True) -> None:
+        self.router, self.host, self.port = router, host, port
+        self.exit_on_startup_error = exit_on_startup_error
+        self.connections = 0
+        self.batcher = InferenceBatcher(window_ms=batch_window_ms, max_batch=max_batch,
+                                        expected=lambda: self.connections)
+        self.ready = False
+        self.startup_error: BaseException | None = None
+        self.errors = 0  # connections closed because of bad input or a failure
+        self._ids = itertools.count(1)
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- HTTP side --------------------------------------------------------------------------------------------
+
+    async def _process_request(self, connection: ServerConnection, request: Any):
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz":
+            if self.ready:
+                return connection.respond(http.HTTPStatus.OK, "OK\n")
+            why = f"failed: {self.startup_error}" if self.startup_error else "loading models"
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, f"not ready ({why})\n")
+        if path == "/admin/status":
+            return connection.respond(http.HTTPStatus.OK, json.dumps(self.status()) + "\n")
+        if path == "/admin/reload":
+            try:
+                versions = await asyncio.get_running_loop().run_in_executor(None, self.router.reload)
+            except Exception as e:  # noqa: BLE001 - reported to the caller, serving goes on
+                log.exception("reload failed")
+                return connection.respond(http.HTTPStatus.INTERNAL_SERVER_ERROR, f"reload failed: {e}\n")
+            return connection.respond(http.HTTPStatus.OK, json.dumps({"versions": versions}) + "\n")
+        if not self.ready:  # the evaluator retries its websocket connect until we are up
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
+        return None
+
+    def status(self) -> dict[str, Any]:
+        return {"ready": self.ready, "connections": self.connections, "errors": self.errors,
+                "batch_sizes": dict(sorted(self.batcher.batch_sizes.items())), **self.router.describe()}
+
+    # --- websocket side ---------------------------------------------------------------------------------------
+
+    async def _policy(self, task: int):
+        policy = self.router.peek(task)  # raises ObservationError for an unmapped task
+        if policy is not None:
+            return policy
+        return await asyncio.get_running_loop().run_in_executor(None, self.router.get, task)
+
+    async def _step(self, session: ControlSession, msg: Any) -> dict[str, Any] | None:
+        if isinstance(msg, dict) and "reset" in msg:
+            session.reset()
+            return None
+        obs = parse_observation(msg, num_tasks=NUM_TASKS)
+        policy = await self._policy(obs.task)
+        session.begin(obs.task, policy.info(obs.task))
+        infer_ms = 0.0
+        if session.needs_inference():
+            result = await self.batcher.submit(policy, session.request(obs.images, obs.state))
+            session.accept(obs.state, result)
+            infer_ms = result.infer_ms
+        action = np.asarray(session.next_action(), dtype=np.float32)
+        return {"action": action, "server_timing": {"infer_ms": infer_ms}}
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        conn = next(self._ids)
+        self.connections += 1
+        session = ControlSession()
+        prev_total_ms = 0.0
+        log.info("connection %d from %s", conn, ws.remote_address)
+        try:
+            await ws.send(pack({"server": "b1k-train", "protocol": "behavior-2025", "action_dim": 23,
+                                **self.router.describe()}))
+            async for message in ws:
+                t0 = time.perf_counter()
+                try:
+                    if isinstance(message, str):
+                        raise ProtocolError("text frames are not part of the protocol: send binary msgpack frames")
+                    reply = await self._step(session, unpack(message))
+                except Exception as e:  # noqa: BLE001 - bad input or a failed inference ends this connection only
+                    await self._fail(ws, conn, e)
+                    return
+                if reply is None:
+                    continue
+                reply["server_timing"]["prev_total_ms"] = prev_total_ms
+                await ws.send(pack(reply))
+                prev_total_ms = (time.perf_counter() - t0) * 1e3
+        except ConnectionClosed:
+            pass
+        finally:
+            self.connections -= 1
+            log.info("connection %d closed", conn)
+
+    async def _fail(self, ws: ServerConnection, conn: int, e: Exception) -> None:
+        self.errors += 1
+        if isinstance(e, ProtocolError):
+            text = f"bad request: {e}"
+            log.warning("connection %d: %s", conn, text)
+        else:
+            text = f"server error: {type(e).__name__}: {e}"
+            log.exception("connection %d: inference failed", conn)
+        try:
+            await ws.send(text)
+            await ws.close(CLOSE_INTERNAL_ERROR, text[:120])  # a close reason is limited to 123 bytes
+        except ConnectionClosed:
+            pass
+
+    # --- lifecycle --------------------------------------------------------------------------------------------
+
+    async def _warm_up(self) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.router.validate)
+        except Exception as e:  # noqa: BLE001 - /healthz reports it; the process stays up to say why
+            self.startup_error = e
+            log.error("cannot serve: %s", e)
+            if self.exit_on_startup_error:
+                assert self._stop is not None
+                self._stop.set()
+            return
+        self.ready = True
+        log.info("ready on ws://%s:%d (%s)", self.host, self.port, ", ".join(self.router.resident()))
+
+    async def run(self, started: threading.Event | None = None) -> None:
+        """Serve until stop(); `started` is set once the port is bound (self.port holds the real port)."""
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        self.batcher.start()
+        async with serve(self._handler, self.host, self.port, compression=None, max_size=None,
+                         process_request=self._process_request, ping_interval=60, ping_timeout=300) as server:
+            self.port = server.sockets[0].getsockname()[1]
+            if threading.current_thread() is threading.main_thread():
+                self._loop.add_signal_handler(signal.SIGHUP, lambda: self._loop.run_in_executor(
+                    None, self.router.reload))
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    self._loop.add_signal_handler(sig, self._stop.set)
+            if started is not None:
+                started.set()
+            warm = asyncio.create_task(self._warm_up())
+            await self._stop.wait()
+            warm.cancel()
+        await self.batcher.stop()
+
+    def serve_forever(self) -> None:
+        """Serve until SIGTERM/SIGINT; re-raises the error if the models cannot be loaded."""
+        asyncio.run(self.run())
+        if self.startup_error is not None:
+            raise self.startup_error
+
+    def start_background(self, timeout_s: float = 30.0) -> int:
+        """Run in a daemon thread (tests, benchmarks); returns the bound port once listening."""
+        started = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self.run(started)), daemon=True,
+                                        name="b1k-policy-server")
+        self._thread.start()
+        if not started.wait(timeout_s):
+            raise RuntimeError(f"policy server did not start within {timeout_s} s")
+        return self.port
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
