@@ -49,3 +49,15 @@ def observation(task: int, *, size: int = 224, seed: int = 0, gripper_width: flo
     obs["robot_r1::cam_rel_poses"] = rng.normal(0, 1, 21).astype(np.float32)
     obs["task_id"] = np.array([task], dtype=np.int64)
     return obs
+
+
+def first_action(policy, obs: dict) -> np.ndarray:
+    """The action a fresh connection gets for `obs` from `policy` (a ServingPolicy), computed in-process."""
+    from serving.control.session import ControlSession
+    from serving.observation import parse_observation
+
+    parsed = parse_observation(obs, num_tasks=50)
+    session = ControlSession()
+    session.begin(parsed.task, policy.info(parsed.task))
+    session.accept(parsed.state, policy.infer([session.request(parsed.images, parsed.state)])[0])
+    return session.next_action()
