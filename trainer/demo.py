@@ -37,5 +37,7 @@ def run_demo(workdir: str, *, seed: int = 0, overrides: list[str] | None = None)
         decision = promote(c, v["model"], cfg.promotion)
         print(f"  {v['model']}: {'promoted' if decision['promoted'] else 'kept'} - {decision['reason']}")
     print_outcome(summary)
+    mapping = storage.join(pipe.root, "task_checkpoint_mapping.json")
+    print(f"\nserve it to the BEHAVIOR evaluator: b1k-train serve --model {mapping} --port 8000")
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; everything is under {os.path.abspath(workdir)}")
     return 0
