@@ -244,11 +244,18 @@ def test_cli_serves_a_registry_alias_and_follows_it_on_sighup(artifacts, mlflow_
         assert status["models"][0]["version"] == "2" and status["connections"] == 1
         ev.reset()
         after = ev.act(observation(0))  # the same connection, now served by version 2
+        # The admin endpoint does the same as SIGHUP, and answers with the versions now served.
+        assert _register(client, "serve-test", artifacts["a"]) == "3"
+        reloaded = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/admin/reload", timeout=30).read())
+        assert reloaded == {"versions": {"serve-test@champion": "3"}}
+        ev.reset()
+        third = ev.act(observation(0))
         ev.close()
         expect = {v: first_action(ServingPolicy.load(artifacts[k], overrides=["seed=3"]), observation(0))
                   for k, v in (("a", "1"), ("b", "2"))}
         np.testing.assert_allclose(before, expect["1"], atol=1e-5)
         np.testing.assert_allclose(after, expect["2"], atol=1e-5)
+        np.testing.assert_allclose(third, expect["1"], atol=1e-5)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
