@@ -41,6 +41,10 @@ def _decode(obj: dict) -> Any:
             if dtype.kind not in _WIRE_KINDS:
                 raise ProtocolError(f"array dtype {dtype} is not allowed (numeric or bool only)")
             shape = tuple(int(d) for d in obj[b"shape"])
+            need = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            if any(d < 0 for d in shape) or len(obj[b"data"]) != need:
+                raise ProtocolError(f"ndarray data has {len(obj[b'data'])} bytes, but dtype {dtype} and shape "
+                                    f"{list(shape)} need {need}")
             return np.ndarray(buffer=obj[b"data"], dtype=dtype, shape=shape)
         except ProtocolError:
             raise

@@ -206,6 +206,23 @@ def test_inpainter_guard_skips_propagation_for_whole_batch(noise):
     assert not torch.equal(strict.apply(x, 0.9, strict.start(x0, z))[:, K:], x[:, K:])
 
 
+def test_inpainter_per_sample_guard_decides_per_row(noise):
+    """A server batching unrelated clients: one row's large correction must not switch off another row's."""
+    gen = torch.Generator().manual_seed(9)
+    z = noise.sample((2,), generator=gen)
+    x0 = z[:, :K] + 0.01 * torch.randn((2, K, D), generator=gen)  # row 0: a small correction
+    x = z.clone()
+    x[1, :K] += 50.0  # row 1: far off
+    per_row = flow.Inpainter.for_noise(noise, per_sample_guard=True)
+    out = per_row.apply(x, 0.9, per_row.start(x0, z))
+    alone = per_row.apply(x[:1], 0.9, per_row.start(x0[:1], z[:1]))
+    torch.testing.assert_close(out[:1], alone, rtol=0, atol=1e-6)  # row 0 as if it were alone
+    assert not torch.equal(out[0, K:], x[0, K:])  # ...so it was corrected
+    torch.testing.assert_close(out[1, K:], x[1, K:], rtol=0, atol=0)  # row 1 skipped
+    batch = flow.Inpainter.for_noise(noise).apply(x, 0.9, per_row.start(x0, z))
+    torch.testing.assert_close(batch[0, K:], x[0, K:], rtol=0, atol=0)  # the reference rule skips both
+
+
 def test_inpainting_schedule_pins_13_of_20_steps(noise):
     """Kept rows are exactly on the x0-z line after every step with t_new > 0.3 and follow the model after."""
     inp = flow.Inpainter.for_noise(noise)

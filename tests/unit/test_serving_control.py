@@ -301,15 +301,14 @@ def test_control_session_end_to_end():
 
 def test_control_session_resets_on_a_new_task_or_model():
     info = PolicyInfo(key="m", cfg=ServingConfig(seed=7), num_stages=5, correction=None)
-    session = ControlSession()
-    for new_task, new_key in ((3, "m"), (3, "m2")):
-        session.begin(new_task if new_key == "m2" else 0, info)
+    for task, key in ((3, "m"), (0, "m2")):  # a different task; the same task served by another model
+        session = ControlSession()
+        session.begin(0, info)
         session.accept(state(), result())
-        assert session.kept is not None and not session.needs_inference()
-        info = dataclasses.replace(info, key=new_key)
-        session.begin(new_task, info)
+        assert session.kept is not None and not session.needs_inference() and session.inferences == 1
+        session.begin(task, dataclasses.replace(info, key=key))
         assert session.kept is None and session.needs_inference() and session.inferences == 0
-        assert session.request(IMAGES, state()).noise_key == (7, new_task, 0)
+        assert session.request(IMAGES, state()).noise_key == (7, task, 0)
 
 
 def test_control_session_applies_the_gripper_correction_before_planning():
@@ -320,5 +319,54 @@ def test_control_session_applies_the_gripper_correction_before_planning():
     s = state(left=-0.99)
     session.accept(s, result())
     assert session.events == ["open_left", "resampled"]  # the held state has no gripper change
-    assert np.all(session.next_action()[LEFT] == 1.0)
+    assert session.next_action()[LEFT] == 1.0
     np.testing.assert_array_equal(session.kept[:, :LEFT], np.tile(s[:LEFT], (4, 1)))
+
+
+# --- observation parsing ------------------------------------------------------------------------------------------
+
+COLOURS = {"head": (200, 10, 30), "left_wrist": (5, 150, 60), "right_wrist": (90, 40, 250)}
+
+
+def evaluator_obs(full_resolution: bool = False) -> dict:
+    obs = {}
+    for cam, key in EVAL_CAMERA_KEYS.items():
+        side = (720 if cam == "head" else 480) if full_resolution else 224
+        obs[key] = np.empty((side, side, 4), np.uint8)
+        obs[key][...] = (*COLOURS[cam], 255)
+    obs["robot_r1::proprio"] = np.random.default_rng(0).uniform(0, 0.05, 256).astype(np.float32)
+    obs["task_id"] = np.array([7], np.int64)
+    return obs
+
+
+@pytest.mark.parametrize("full_resolution", [False, True])
+def test_parse_observation(full_resolution):
+    msg = evaluator_obs(full_resolution)
+    obs = parse_observation(msg, num_tasks=50)
+    assert obs.images.shape == (3, 224, 224, 3) and obs.images.dtype == np.uint8 and obs.task == 7
+    for i, cam in enumerate(("head", "left_wrist", "right_wrist")):
+        assert np.all(obs.images[i] == np.array(COLOURS[cam], np.uint8)), cam
+    assert obs.state.shape == (23,)
+    np.testing.assert_array_equal(obs.state, proprio_to_state(msg["robot_r1::proprio"]))
+
+
+HEAD = EVAL_CAMERA_KEYS["head"]
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.pop(EVAL_CAMERA_KEYS["left_wrist"]), "no 'robot_r1::robot_r1:left_realsense_link:Camera:0::rgb'"),
+    (lambda m: m.__setitem__(HEAD, m[HEAD].astype(np.float32)), f"'{HEAD}' must be a uint8 array, got float32"),
+    (lambda m: m.__setitem__(HEAD, m[HEAD][..., :2]), f"'{HEAD}' must have shape"),
+    (lambda m: m.__setitem__("robot_r1::proprio", np.zeros(255, np.float32)), r"'robot_r1::proprio'.*\(255,\)"),
+    (lambda m: m.__setitem__("robot_r1::proprio", np.zeros(256, np.int64)), "'robot_r1::proprio' must be a float32"),
+    (lambda m: m.pop("task_id"), "no 'task_id'"),
+    (lambda m: m.__setitem__("task_id", np.array([7.0])), "'task_id' must be an integer array"),
+    (lambda m: m.__setitem__("task_id", 7.0), "'task_id' must be an int64 array"),
+    (lambda m: m.__setitem__("task_id", np.array([50], np.int64)), "unknown task id 50"),
+    (lambda m: m.__setitem__("task_id", np.array([-1], np.int64)), "unknown task id -1"),
+])
+def test_parse_observation_errors_name_the_key(edit, match):
+    msg = evaluator_obs()
+    edit(msg)
+    with pytest.raises(ObservationError, match=match):
+        parse_observation(msg, num_tasks=50)
