@@ -261,3 +261,53 @@ def test_cli_serves_a_registry_alias_and_follows_it_on_sighup(artifacts, mlflow_
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out[-3000:]
     assert "now names version 2" in out
+
+
+def test_gripper_correction_from_the_artifacts_closure_table(server, artifacts):
+    """Task 0's demonstrations never close either gripper in stage 0 (the synthetic data's table, computed by
+    `data stats` and shipped in the export); task 1 has no demonstrations, so its table cell is unknown."""
+    from data_loaders.behavior_facts import proprio_to_state
+
+    table = ServingPolicy.load(artifacts["a"]).correction.closure
+    assert table.frames[0, 0] > 0 and table.closed[0, 0].tolist() == [0, 0] and table.frames[1].sum() == 0
+
+    def first(obs):
+        client = EvaluatorClient("127.0.0.1", server.port)
+        try:
+            return client.act(obs)
+        finally:
+            client.close()
+
+    shut = observation(0, gripper_width=0.0)  # both grippers fully closed: an empty grasp
+    state = proprio_to_state(shut["robot_r1::proprio"])
+    fixed = first(shut)
+    assert fixed[14] == 1.0 and fixed[22] == 1.0  # opened
+    np.testing.assert_allclose(fixed[3:14], state[3:14], atol=1e-6)  # and otherwise holding still
+    np.testing.assert_allclose(fixed[15:22], state[15:22], atol=1e-6)
+    assert not np.allclose(first(observation(0))[3:14], state[3:14], atol=1e-3)  # open grippers: the model acts
+    unknown = first(observation(1, gripper_width=0.0))
+    assert unknown[14] != 1.0 and not np.allclose(unknown[3:14], state[3:14], atol=1e-3)
+
+
+def test_inpainting_pins_the_kept_actions_through_the_serving_transforms(artifacts):
+    """Kept absolute actions go through delta (w.r.t. the current state) + per-step normalisation, get pinned by
+    the sampler, and come back out through unnormalisation: pinned to the end, rows 0..3 are the kept rows."""
+    import dataclasses
+
+    from serving.control.session import InferenceRequest
+    from serving.observation import parse_observation
+
+    policy = ServingPolicy.load(artifacts["a"])
+    obs = parse_observation(observation(0), num_tasks=50)
+
+    def chunk(kept, key=(0, 0, 1)):
+        req = InferenceRequest(images=obs.images, state=obs.state, task=0, stage=0, kept=kept, noise_key=key)
+        return policy.infer([req])[0].actions
+
+    kept = chunk(None, (0, 0, 0))[26:30] + 0.2  # a target the model would not produce on its own
+    free, soft = chunk(None), chunk(kept)
+    # Soft (the default: pinned while t > 0.3, then free): much closer to the kept rows than without inpainting.
+    assert np.abs(soft[:4] - kept).mean() < 0.5 * np.abs(free[:4] - kept).mean()
+    policy.model.cfg = dataclasses.replace(policy.model.cfg, inpaint_time_threshold=-1.0)  # pinned to t = 0
+    policy.model._inpainters = {}
+    np.testing.assert_allclose(chunk(kept)[:4], kept, atol=1e-4)
