@@ -1,0 +1,1 @@
+"""X-VLA BEHAVIOR variant (xvla.md)."""
