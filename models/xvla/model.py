@@ -154,3 +154,18 @@ class XVLA(nn.Module):
                                   task, skill).float()
         actions = a_hat[..., : cfg.real_action_dim]
         return (actions, skill) if return_skill else actions
+
+    # --- checkpoints (the seed's layout, models/xvla/checkpoint.py) --------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, device: str = "cpu") -> XVLA:
+        """A checkpoint directory written by `save_pretrained` (or by the trainer's X-VLA export)."""
+        from models.xvla.checkpoint import load_checkpoint
+
+        return load_checkpoint(path, device=device)[0]
+
+    def save_pretrained(self, path: str, *, tokenizer=None, optimizer_state=None, global_step: int = 0) -> str:
+        from models.xvla.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, path, tokenizer=tokenizer, optimizer_state=optimizer_state,
+                               global_step=global_step)
