@@ -88,8 +88,9 @@ def test_pipeline_killed_resumed_rerun_registered_and_promoted(s3_bucket, s3fs_c
     second = _run(_pipeline_cmd(store), env)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     out = second.stdout + second.stderr
-    assert "== pretrain: done (exported at step 10); skipped" in out
-    assert "== fine-tune ckpt1: resuming 12 steps on tasks [0, 1]" in out
+    stages = "\n".join(line for line in second.stdout.splitlines() if line.startswith("=="))
+    assert "== pretrain: done (exported at step 10); skipped" in out, stages
+    assert "== fine-tune ckpt1: resuming 12 steps on tasks [0, 1]" in out, stages
     resumed_at = [int(s) for s in re.findall(r"starting at step (\d+)", out)]
     assert max(resumed_at) >= int(committed[0].rsplit("_", 1)[1]) > 0, resumed_at
     for stage in ("ft-ckpt1", "ft-ckpt4"):

@@ -32,7 +32,12 @@ def ray_head():
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
     cmd = [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp_dir}",
-           "--disable-usage-stats", "--include-dashboard=true"]
+           "--disable-usage-stats", "--include-dashboard=true",
+           # Every fixed default port gets a free one: another cluster on the machine (the session's) already
+           # holds the defaults, e.g. the dashboard agent's 52365, and the job API then has no agent to talk to.
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+           f"--ray-client-server-port={free_port()}"]
     started = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     try:
