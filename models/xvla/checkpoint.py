@@ -78,13 +78,27 @@ def save_checkpoint(model: torch.nn.Module, out_dir: str, *, tokenizer: Any | No
 
 
 def load_checkpoint(path: str, *, device: str = "cpu"):
-    """(XVLA, state dict of state.json) from a directory written by save_checkpoint."""
+    """(XVLA, state.json contents) from a directory written by save_checkpoint, or from a published X-VLA
+    directory (X-VLA-Pt layout: converted by models/xvla/weights.py, which logs what it re-initialized)."""
     from models.xvla.model import XVLA
 
+    config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; is it an X-VLA checkpoint directory?")
+    with open(config_path) as f:
+        doc = json.load(f)
+    if doc.get("model_type") == "xvla" and "b1k" not in doc:
+        from models.xvla.weights import config_from_published, load_xvla_pretrained
+
+        model = XVLA(config_from_published(doc))
+        model.init_weights()
+        model.load_report = load_xvla_pretrained(model, path)
+        state_path = os.path.join(path, STATE_FILE)
+        state = json.load(open(state_path)) if os.path.exists(state_path) else {"global_step": 0}
+        return model.to(device).eval(), state
     if not os.path.exists(os.path.join(path, STATE_FILE)):
         raise FileNotFoundError(f"{path} is not a complete X-VLA checkpoint (no {STATE_FILE})")
-    with open(os.path.join(path, CONFIG_FILE)) as f:
-        cfg = config_from_json(json.load(f), where=os.path.join(path, CONFIG_FILE))
+    cfg = config_from_json(doc, where=config_path)
     model = XVLA(cfg)
     missing, unexpected = model.load_state_dict(load_file(os.path.join(path, MODEL_FILE)), strict=False)
     if missing or unexpected:

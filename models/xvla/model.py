@@ -46,9 +46,11 @@ class XVLA(nn.Module):
             self.skill_class_weights.fill_(1.0)
             self.pixel_mean.copy_(torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1))
             self.pixel_std.copy_(torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1))
+            # Florence-2's fixed cosine temporal table (a persistent buffer: empty after a meta-device build).
             temporal = self.vlm.multi_modal_projector.visual_temporal_embed
-            temporal.pos_idx_to_embed.copy_(temporal.get_sinusoid_embeddings(
-                temporal.pos_idx_to_embed.shape[0], temporal.pos_idx_to_embed.shape[1]))
+            sine, cosine = temporal.get_sinusoid_embeddings(*temporal.pos_idx_to_embed.shape)
+            temporal.pos_idx_to_embed[:, 0::2] = sine
+            temporal.pos_idx_to_embed[:, 1::2] = cosine
 
     def set_skill_class_weights(self, weights: torch.Tensor) -> None:
         if tuple(weights.shape) != (self.cfg.num_skills,) or not bool(torch.all(weights > 0)):
