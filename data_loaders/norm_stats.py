@@ -55,6 +55,10 @@ def std_or_one(std: np.ndarray) -> np.ndarray:
     """The stored std: `std`, except 1.0 for constant coordinates (std < CONSTANT_STD)."""
     return np.where(std < CONSTANT_STD, 1.0, std)
 
+def _same_counts(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+
+
 # (section, json key, dataclass field, shape); the single source of truth for the JSON layout.
 _ARRAYS: tuple[tuple[str, str, str, tuple[int, ...]], ...] = (
     ("state", "mean", "state_mean", (STATE_DIM,)),
@@ -108,6 +112,8 @@ class NormStats:
     # Where the demonstrations close each gripper (serving's gripper correction); None in stats written
     # before the table existed, or computed without task/stage labels.
     gripper_closure: GripperClosure | None = None
+    # Frames per annotated skill class (behavior_facts.SKILL_INDEX order); None like gripper_closure.
+    skill_counts: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         for _, _, name, shape in _ARRAYS:
@@ -126,13 +132,35 @@ class NormStats:
             raise ValueError("action_correlation_cholesky is not lower triangular with a positive diagonal")
         for name, typ in _META:
             object.__setattr__(self, name, typ(getattr(self, name)))
+        if self.skill_counts is not None:
+            counts = np.array(self.skill_counts, dtype=np.int64)
+            if counts.ndim != 1 or np.any(counts < 0):
+                raise ValueError("skill_counts must be a 1-d array of non-negative counts")
+            counts.setflags(write=False)
+            object.__setattr__(self, "skill_counts", counts)
 
     def __eq__(self, other: object) -> bool:
         """Exact equality of every array and metadata field."""
         if not isinstance(other, NormStats):
             return NotImplemented
         return all(np.array_equal(getattr(self, n), getattr(other, n)) for _, _, n, _ in _ARRAYS) and all(
-            getattr(self, n) == getattr(other, n) for n, _ in _META) and self.gripper_closure == other.gripper_closure
+            getattr(self, n) == getattr(other, n) for n, _ in _META) and self.gripper_closure == other.gripper_closure \
+            and _same_counts(self.skill_counts, other.skill_counts)
+
+    def skill_class_weights(self, num_classes: int) -> np.ndarray:
+        """Cross-entropy class weights proportional to 1/sqrt(frequency), mean 1 over the classes that occur
+        (xvla.md §3.1); classes that never occur (never a target) get 1. Raises if there are no counts."""
+        if self.skill_counts is None or not self.skill_counts.any():
+            raise ValueError("these norm stats have no skill counts (computed before they existed, or the data has "
+                             "no skill annotations); recompute with `b1k-train data stats`")
+        counts = np.zeros(num_classes)
+        n = min(num_classes, len(self.skill_counts))
+        counts[:n] = self.skill_counts[:n]
+        present = counts > 0
+        w = np.ones(num_classes)
+        w[present] = counts[present] ** -0.5
+        w[present] /= w[present].mean()
+        return w
 
     def regularized_correlation_cholesky(self, beta: float = 0.5) -> np.ndarray:
         """chol(beta * L L^T + (1 - beta) * I), the shrunk noise factor of pi_behavior §1.9 (float64, 960x960).
@@ -155,6 +183,8 @@ class NormStats:
             doc["meta"][name] = getattr(self, name)
         if self.gripper_closure is not None:
             doc["control"] = {"gripper_closure": self.gripper_closure.to_dict()}
+        if self.skill_counts is not None:
+            doc.setdefault("control", {})["skill_counts"] = self.skill_counts.tolist()
         # Compact: the 960x960 factor would be ~1M lines if indented.
         return json.dumps(doc, separators=(",", ":")) + "\n"
 
@@ -177,6 +207,8 @@ class NormStats:
                 kwargs[name] = meta[name]
             closure = doc.get("control", {}).get("gripper_closure")
             kwargs["gripper_closure"] = None if closure is None else GripperClosure.from_dict(closure)
+            counts = doc.get("control", {}).get("skill_counts")
+            kwargs["skill_counts"] = None if counts is None else np.asarray(counts, dtype=np.int64)
         except KeyError as e:
             raise ValueError(f"{where}: missing field {e.args[0]!r}; re-run `b1k-train data stats`") from e
         except (TypeError, ValueError) as e:  # ragged or non-numeric lists

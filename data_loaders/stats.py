@@ -35,7 +35,14 @@ import numpy as np
 from tqdm import tqdm
 
 from data_loaders import storage
-from data_loaders.behavior_facts import ACTION_DIM, ACTION_HORIZON, DELTA_ACTION_MASK, MODEL_DIM, STATE_DIM
+from data_loaders.behavior_facts import (
+    ACTION_DIM,
+    ACTION_HORIZON,
+    DELTA_ACTION_MASK,
+    MODEL_DIM,
+    NUM_SKILLS,
+    STATE_DIM,
+)
 from data_loaders.gripper_stats import GripperClosureCounter
 from data_loaders.manifest import (
     Manifest,
@@ -82,16 +89,20 @@ class StatsAccumulator:
         self.action_reservoir = BottomKReservoir(max_quantile_samples, ACTION_DIM)
         self.num_full_chunks = 0
         self.grippers = GripperClosureCounter()
+        self.skill_counts = np.zeros(NUM_SKILLS, np.int64)  # frames per annotated skill class (X-VLA's CE weights)
         self._frames: list[tuple[int, int, np.ndarray]] = []  # (episode, frame, state)
         self._chunks: list[tuple[int, int, np.ndarray, np.ndarray]] = []  # (episode, frame, state, actions)
 
     def add(self, *, episode: int, frame: int, state: np.ndarray, actions: np.ndarray,
-            action_mask: np.ndarray, task: int | None = None, stage: int | None = None) -> None:
+            action_mask: np.ndarray, task: int | None = None, stage: int | None = None,
+            skill: int = -1) -> None:
         """Offer one sample: state (23,), actions (30, 23) absolute, action_mask (30,) bool; with its task and
         stage label, the sample also counts towards the gripper-closure table."""
         self._frames.append((episode, frame, state))
         if task is not None and stage is not None:
             self.grippers.add(task, stage, actions[0])
+        if 0 <= skill < NUM_SKILLS:
+            self.skill_counts[skill] += 1
         if bool(np.all(action_mask)):
             self.num_full_chunks += 1
             self._chunks.append((episode, frame, state, actions))
@@ -131,6 +142,7 @@ class StatsAccumulator:
         self.action_reservoir.merge(other.action_reservoir)
         self.num_full_chunks += other.num_full_chunks
         self.grippers.merge(other.grippers)
+        self.skill_counts += other.skill_counts
 
     def _add_chunks(self, eps: np.ndarray, frames: np.ndarray, states: np.ndarray, actions: np.ndarray) -> None:
         # Deltas in float64: the same state s[t] is subtracted from all 30 future actions (pi_behavior §2.2).
@@ -179,6 +191,7 @@ class StatsAccumulator:
             sample_fraction=self.sample_fraction, seed=self.seed, manifest_sha256=manifest_sha256,
             correlation_jitter=jitter,
             gripper_closure=self.grippers.result() if self.grippers.frames.any() else None,
+            skill_counts=self.skill_counts.copy() if self.grippers.frames.any() else None,
         )
 
 
@@ -232,7 +245,8 @@ def _scan(manifest: Manifest, shards: list[ShardInfo], acc: StatsAccumulator,
                                  f"re-run `b1k-train data shard`")
             s = decode_sample(files, image_format=manifest.image_format, where=f"{where}:{key}", decode_images=False)
             acc.add(episode=int(m.group(1)), frame=int(m.group(2)), state=s["state"], actions=s["actions"],
-                    action_mask=s["action_mask"], task=int(s["meta"]["task"]), stage=int(s["meta"]["stage"]))
+                    action_mask=s["action_mask"], task=int(s["meta"]["task"]), stage=int(s["meta"]["stage"]),
+                    skill=int(s["meta"].get("skill_index", -1)) if s["meta"].get("skill_valid") else -1)
             n += 1
         on_shard(n)
 

@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import os
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -91,7 +91,7 @@ class _ShardStream(IterableDataset):
     """
 
     def __init__(self, manifest: mf.Manifest, planner: EpochPlanner, state: StreamState, *, rank: int,
-                 num_workers: int, transform: SampleTransform, cfg: StreamConfig):
+                 num_workers: int, transform: Callable[[dict, Any], dict], cfg: StreamConfig):
         self.manifest, self.planner, self.state = manifest, planner, state
         self.rank, self.num_workers, self.transform, self.cfg = rank, max(1, num_workers), transform, cfg
         self.first_sample = np.cumsum([0] + [s.num_samples for s in manifest.shards])  # manifest-order index
@@ -219,7 +219,10 @@ class StreamLoader:
 
     def __init__(self, manifest_url: str, cfg: StreamConfig, *, rank: int = 0, world_size: int = 1,
                  norm_stats: Any | None = None, augment: AugmentConfig | None = None,
-                 fast_tokenizer: Any | None = None, max_fast_tokens: int = 200):
+                 fast_tokenizer: Any | None = None, max_fast_tokens: int = 200,
+                 transform: Callable[[dict, Any], dict] | None = None):
+        """`transform` (sample, rng) -> fields replaces the pi-behavior SampleTransform (e.g. X-VLA's); it must be
+        picklable and deterministic given the rng, which is keyed by the sample's position (exact resume)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
@@ -240,8 +243,8 @@ class StreamLoader:
                                                 [s.num_samples for s in self.manifest.shards])
         normalizer = Normalizer.from_norm_stats(norm_stats) if norm_stats is not None else None
         aug = (augment or AugmentConfig()) if cfg.train else None
-        self.transform = SampleTransform(normalizer=normalizer, augment=aug, fast_tokenizer=fast_tokenizer,
-                                         max_fast_tokens=max_fast_tokens)
+        self.transform = transform or SampleTransform(normalizer=normalizer, augment=aug,
+                                                      fast_tokenizer=fast_tokenizer, max_fast_tokens=max_fast_tokens)
         self._state = StreamState.fresh(fingerprint=self.fingerprint, seed=cfg.seed,
                                         shards_per_group=cfg.shards_per_group, num_slots=self.num_slots,
                                         num_ranks=world_size)

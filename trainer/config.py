@@ -12,6 +12,7 @@ from trainer.faults import FaultConfig
 from trainer.optim import OptimConfig
 
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+FAMILIES = ("pi_behavior", "xvla")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -24,6 +25,7 @@ class DataConfig:
     shards_per_group: int = 4  # loader shuffle window, in shards
     augment: bool = True  # train-time image augmentation
     audit: bool = False  # record the (epoch, sample) ids of every step under <run>/audit/ (tests, debugging)
+    tasks: tuple[int, ...] = ()  # train only on these task ids (a manifest view of the shards); () = all
     # Used only when shards == "": the synthetic BEHAVIOR-format dataset written for the run.
     synth_tasks: tuple[int, ...] = (0, 1, 40)
     synth_episodes_per_task: int = 2
@@ -73,8 +75,11 @@ class ResilienceConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     recipe: str  # registry name this config came from
-    model: str = "full"  # pi-behavior architecture config: "tiny" | "full"
-    init_from: str = ""  # "" (random) | "paligemma:<dir>" | "pi05:<model.safetensors>" | "export:<artifact url>"
+    family: str = "pi_behavior"  # model family: "pi_behavior" | "xvla"
+    model: str = "full"  # architecture config of the family: "tiny" | "full"
+    # "" (random) | "export:<artifact url>" (a b1k-train export of the same family) | pi-behavior:
+    # "paligemma:<dir>", "pi05:<model.safetensors>" | X-VLA: "xvla:<dir>" (X-VLA-Pt or an X-VLA checkpoint dir)
+    init_from: str = ""
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     strategy: str = "fsdp"  # ddp | fsdp | zero1 | zero2 | zero3
@@ -99,10 +104,14 @@ class TrainConfig:
             raise ValueError(f"strategy {self.strategy!r} is not one of {STRATEGIES}; e.g. --set strategy=fsdp")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family {self.family!r} is not one of {FAMILIES}")
         if self.model not in ("tiny", "full"):
-            raise ValueError(f"model {self.model!r} is not a pi-behavior config; use tiny or full")
-        if self.init_from and not self.init_from.startswith(("paligemma:", "pi05:", "export:")):
-            raise ValueError(f"init_from {self.init_from!r} must start with 'paligemma:', 'pi05:' or 'export:'")
+            raise ValueError(f"model {self.model!r} is not a {self.family} config; use tiny or full")
+        prefixes = ("export:",) + (("paligemma:", "pi05:") if self.family == "pi_behavior" else ("xvla:",))
+        if self.init_from and not self.init_from.startswith(prefixes):
+            raise ValueError(f"init_from {self.init_from!r} for family {self.family} must start with one of "
+                             f"{prefixes}")
         for name in ("global_batch_size", "micro_batch_size", "num_steps", "log_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

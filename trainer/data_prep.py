@@ -50,7 +50,26 @@ def ensure_shards(cfg: TrainConfig, run_dir_url: str) -> str:
                           progress=False)
     elif not _exists(storage.join(shards, MANIFEST_NAME)):
         raise FileNotFoundError(f"data.shards={shards} has no {MANIFEST_NAME}; run `b1k-train data shard SRC {shards}`")
+    if cfg.data.tasks:
+        shards = _task_view(shards, cfg.data.tasks, run_dir_url)
     return shards
+
+
+def _task_view(shards: str, tasks: tuple[int, ...], run_dir_url: str) -> str:
+    """A manifest view of `shards` holding only the episodes of `tasks` (under the run directory)."""
+    from data_loaders.manifest import load_manifest
+    from data_loaders.splits import episodes_by_task, write_view
+
+    manifest = load_manifest(shards)
+    by_task = episodes_by_task(manifest)
+    missing = sorted(set(tasks) - set(by_task))
+    if missing:
+        raise ValueError(f"data.tasks asks for tasks {missing} that {shards} does not have (it has "
+                         f"{sorted(by_task)})")
+    name = "tasks-" + "-".join(str(t) for t in sorted(tasks))
+    url = storage.join(run_dir_url, "data", "views", name)
+    write_view(manifest, url, episodes=[e for t in sorted(tasks) for e in by_task[t]], name=name)
+    return url
 
 
 def prepare_data(cfg: TrainConfig, run_dir_url: str) -> DataArtifacts:

@@ -98,21 +98,30 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                                             loader_workers=cfg.data.num_workers))
     precision = select_precision(cfg.precision, device)
     accum = cfg.grad_accum_steps(world)
-    model_cfg = get_config(cfg.model)
-
     norm = NormStats.load(data.norm_stats)
-    fast = FastTokenizer.load(data.fast_tokenizer)
-    loader = StreamLoader(data.shards, StreamConfig(
-        batch_size=cfg.micro_batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
-        shards_per_group=cfg.data.shards_per_group, train=cfg.data.augment), rank=rank, world_size=world,
-        norm_stats=norm, fast_tokenizer=fast, max_fast_tokens=model_cfg.max_fast_tokens)
+    if cfg.family == "xvla":
+        from trainer import family_xvla as fam
+
+        model_cfg = fam.model_config(cfg)
+        loader = fam.make_loader(cfg, data, rank, world)
+        model_fn, init_fn = fam.build_model_fn(cfg), fam.make_init_fn(cfg, norm, device)
+        flops = fam.flops_per_sample(model_cfg)
+    else:
+        model_cfg = get_config(cfg.model)
+        fast = FastTokenizer.load(data.fast_tokenizer)
+        loader = StreamLoader(data.shards, StreamConfig(
+            batch_size=cfg.micro_batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
+            shards_per_group=cfg.data.shards_per_group, train=cfg.data.augment), rank=rank, world_size=world,
+            norm_stats=norm, fast_tokenizer=fast, max_fast_tokens=model_cfg.max_fast_tokens)
+        model_fn, init_fn = build_model_fn(cfg), make_init_fn(cfg, norm, device)
+        flops = flops_per_sample(model_cfg)["total"]
     groups_holder: dict[str, list[dict]] = {}
 
     def param_groups(model):
         groups_holder["groups"] = optim.build_param_groups(model, cfg.optim)
         return groups_holder["groups"]
 
-    engine = build_engine(cfg.strategy, build_model_fn(cfg), init_fn=make_init_fn(cfg, norm, device),
+    engine = build_engine(cfg.strategy, model_fn, init_fn=init_fn,
                           param_groups_fn=param_groups, optimizer_fn=lambda g: optim.build_optimizer(g, cfg.optim),
                           precision=precision, grad_accum_steps=accum, grad_clip_norm=cfg.optim.grad_clip_norm,
                           activation_checkpointing=cfg.activation_checkpointing, ema_decay=cfg.optim.ema_decay,
@@ -138,7 +147,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                                             local_dir=loop_config["tracking_dir"])
     if step == 0:
         tracker.log_params({k: str(v) for k, v in config_dict.items()})
-    flops = flops_per_sample(model_cfg)["total"]
     progress = ProgressLine(total_steps=cfg.num_steps, start_step=step, enabled=rank == 0)
     try:
         if not loop_config.get("export_only"):
@@ -164,10 +172,15 @@ def _export(engine, cfg, model_cfg, config_dict, data, loop_config, rank, tracke
         return
     out = loop_config.get("export_to") or f"{loop_config['run_dir']}/export"
     with tempfile.TemporaryDirectory(prefix="b1k-export-") as tmp:
-        export_artifact(out, state_dict=state, model_config_name=cfg.model, model_config=model_cfg,
-                        train_config=config_dict, norm_stats_url=data.norm_stats,
-                        fast_tokenizer_url=data.fast_tokenizer, step=step, keep_copy_in=tmp,
-                        extra_state={"mlflow_run_id": tracker.run_id} if tracker.run_id else None)
+        extra = {"mlflow_run_id": tracker.run_id} if tracker.run_id else None
+        if cfg.family == "xvla":
+            from trainer import family_xvla
+
+            family_xvla.export(state, cfg, data, out, step=step, extra_state=extra, keep_copy_in=tmp)
+        else:
+            export_artifact(out, state_dict=state, model_config_name=cfg.model, model_config=model_cfg,
+                            train_config=config_dict, norm_stats_url=data.norm_stats,
+                            fast_tokenizer_url=data.fast_tokenizer, step=step, keep_copy_in=tmp, extra_state=extra)
         log.info("exported the serving artifact of step %d to %s", step, out)
         print(f"[train] exported step {step} to {out}", flush=True)
         if loop_config.get("export_only"):  # `b1k-train export` of some checkpoint: not the run's final model

@@ -12,6 +12,7 @@ from typing import Callable
 from trainer.config import DataConfig, TrainConfig
 from trainer.optim import OptimConfig
 from trainer.pipeline_config import EvalConfig, FinetuneConfig, PipelineConfig, SubsetSpec
+from trainer.recipes_xvla import XVLA_RECIPES
 
 
 def pi_behavior_b1k() -> TrainConfig:
@@ -65,6 +66,7 @@ def pi_behavior_debug() -> TrainConfig:
 RECIPES: dict[str, Callable[[], TrainConfig]] = {
     "pi_behavior_b1k": pi_behavior_b1k,
     "pi_behavior_debug": pi_behavior_debug,
+    **XVLA_RECIPES,
 }
 
 

@@ -1,0 +1,150 @@
+"""What the training loop does differently for the X-VLA family: model, initialisation, data transform, FLOPs
+estimate and the export (the seed's checkpoint layout plus what the policy server needs)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+
+from data_loaders import storage
+from data_loaders.norm_stats import NormStats
+from data_loaders.stream import StreamConfig, StreamLoader
+from data_loaders.xvla_transform import XVLASampleTransform
+from models.xvla.config import XVLAConfig, get_config
+from trainer.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def model_config(cfg: TrainConfig) -> XVLAConfig:
+    return get_config(cfg.model)
+
+
+def build_model_fn(cfg: TrainConfig):
+    from models.xvla.model import XVLA
+
+    model_cfg = model_config(cfg)
+    return lambda: XVLA(model_cfg)
+
+
+def tokenizer_dir(cfg: TrainConfig) -> str | None:
+    """Where the BART tokenizer comes from: the init checkpoint (X-VLA-Pt ships it), else none (byte-level)."""
+    kind, _, path = cfg.init_from.partition(":")
+    if kind in ("xvla", "export") and path and not path.startswith("models:/"):
+        fs, local = storage.resolve(path)
+        return local if storage.is_local(fs) else None
+    return None
+
+
+def load_tokenizer(cfg: TrainConfig):
+    from models.xvla.tokenizer import BYTE_LEVEL_VOCAB_SIZE, load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir(cfg))
+    vocab = model_config(cfg).text.vocab_size
+    if len(tok) > vocab:
+        raise ValueError(f"the tokenizer has {len(tok)} ids but model {cfg.model} embeds {vocab}; the full model "
+                         f"needs X-VLA-Pt's BART tokenizer: --set init_from=xvla:/path/to/X-VLA-Pt")
+    if cfg.model == "full" and len(tok) <= BYTE_LEVEL_VOCAB_SIZE:
+        raise ValueError("the full X-VLA needs its BART tokenizer (51289 ids): --set init_from=xvla:/path/to/X-VLA-Pt")
+    return tok
+
+
+def make_init_fn(cfg: TrainConfig, norm: NormStats, device: torch.device):
+    def init(model) -> None:
+        if any(p.is_meta for p in model.parameters()):
+            model.to_empty(device=device)
+        model.init_weights()
+        kind, _, path = cfg.init_from.partition(":")
+        if kind == "xvla":
+            from models.xvla.weights import load_xvla_pretrained
+
+            report = load_xvla_pretrained(model, path)
+            log.info("initialised from %s: %s", cfg.init_from, report.summary())
+        elif kind == "export":
+            from checkpoints.model_uri import resolve_model_url
+            from trainer.loop import read_safetensors
+            from trainer.parallel import load_full_state_dict
+
+            path = resolve_model_url(path)
+            load_full_state_dict(model, read_safetensors(storage.join(path, "model.safetensors")))
+            log.info("initialised from the export %s", path)
+        try:
+            weights = norm.skill_class_weights(model.cfg.num_skills)
+            model.set_skill_class_weights(torch.tensor(weights, dtype=torch.float32))
+        except ValueError as e:
+            log.warning("skill cross-entropy unweighted: %s", e)
+    return init
+
+
+def make_loader(cfg: TrainConfig, data, rank: int, world: int) -> StreamLoader:
+    from data_loaders.augment import AugmentConfig
+    from data_loaders.manifest import load_manifest
+
+    model_cfg = model_config(cfg)
+    transform = XVLASampleTransform(tokenizer=load_tokenizer(cfg), max_text_len=model_cfg.max_text_len,
+                                    instructions=load_manifest(data.shards).tasks(),
+                                    augment=AugmentConfig() if cfg.data.augment else None)
+    return StreamLoader(data.shards, StreamConfig(
+        batch_size=cfg.micro_batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
+        shards_per_group=cfg.data.shards_per_group, train=cfg.data.augment), rank=rank, world_size=world,
+        transform=transform)
+
+
+def flops_per_sample(model_cfg: XVLAConfig) -> float:
+    """Training FLOPs per sample, a rough count for MFU: 6 x parameters x tokens each part processes (DaViT's
+    early stages see more positions than this counts, so it is a lower bound)."""
+    from models.xvla.model import XVLA
+
+    with torch.device("meta"):
+        m = XVLA(model_cfg)
+    count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    seq = model_cfg.sequence_length + model_cfg.len_soft_prompts
+    vis = count(m.vlm.vision_tower) * model_cfg.num_views * (model_cfg.tokens_per_view - 1)
+    text = count(m.vlm.language_model) * (model_cfg.tokens_per_view + model_cfg.max_text_len)
+    core = count(m.transformer) * seq
+    return 6.0 * (vis + text + core)
+
+
+def export(state: dict[str, torch.Tensor], cfg: TrainConfig, data, out_url: str, *, step: int,
+           extra_state: dict[str, Any] | None, keep_copy_in: str | None = None) -> str:
+    """The seed's layout (model.safetensors, config.json, tokenizer files, state.json last) plus the policy
+    server's norm_stats.json and serving.json (X-VLA has no stage head and no inpainting: both off)."""
+    from safetensors.torch import save_file
+
+    from models.xvla.checkpoint import CONFIG_FILE, MODEL_FILE, STATE_FILE, config_to_json
+    from serving.config import SERVING_FILE, ServingConfig
+
+    staging = keep_copy_in or tempfile.mkdtemp(prefix="b1k-xvla-export-")
+    try:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()},
+                  os.path.join(staging, MODEL_FILE))
+        doc = {**config_to_json(model_config(cfg)), "train": {"recipe": cfg.recipe, "model": cfg.model}}
+        with open(os.path.join(staging, CONFIG_FILE), "w") as f:
+            json.dump(doc, f, indent=2, sort_keys=True)
+        load_tokenizer(cfg).save_pretrained(staging)
+        fs_n, p_n = storage.resolve(data.norm_stats)
+        fs_n.get(p_n, os.path.join(staging, "norm_stats.json"))
+        with open(os.path.join(staging, SERVING_FILE), "w") as f:
+            f.write(ServingConfig(inpainting=False, stage_voting=False).to_json())
+        fs, path = storage.resolve(out_url)
+        if storage.is_local(fs):
+            os.makedirs(path, exist_ok=True)
+        for name in sorted(os.listdir(staging)):
+            if name != STATE_FILE:
+                src = os.path.join(staging, name)
+                fs.put(src, storage.join(path, name), recursive=os.path.isdir(src))
+        body = json.dumps({**(extra_state or {}), "global_step": int(step)}).encode()
+        storage.write_bytes_atomic(fs, storage.join(path, STATE_FILE), body)
+        if keep_copy_in:
+            with open(os.path.join(staging, STATE_FILE), "wb") as f:
+                f.write(body)
+    finally:
+        if not keep_copy_in:
+            shutil.rmtree(staging, ignore_errors=True)
+    return out_url
