@@ -43,6 +43,11 @@ def read_serving_config(url: str, overrides: list[str] | None = None) -> Serving
     return apply_overrides(cfg, list(overrides or []))
 
 
+def _model_type(local: str) -> str:
+    fs, path = storage.resolve(local)
+    return json.loads(fs.cat_file(storage.join(path, "config.json"))).get("model_type", "pi_behavior")
+
+
 class ServingPolicy:
     def __init__(self, model: torch.nn.Module, normalizer: Normalizer, cfg: ServingConfig, *, name: str,
                  correction: GripperCorrection | None, global_step: int | None = None) -> None:
@@ -60,8 +65,12 @@ class ServingPolicy:
         from checkpoints.model_uri import resolve_model_url
 
         local = resolve_model_url(url)
-        model, norm, _, config = load_exported(local, device=device)
         cfg = read_serving_config(local, overrides)
+        if _model_type(local) == "xvla":
+            from serving.policy_xvla import XVLAServingPolicy
+
+            return XVLAServingPolicy.load(local, cfg, name=name or url, device=device)
+        model, norm, _, config = load_exported(local, device=device)
         correction = None
         if norm.gripper_closure is None:
             log.warning("%s: norm_stats.json has no gripper-closure table (stats computed before it existed); the "

@@ -88,7 +88,7 @@ def make_loader(cfg: TrainConfig, data, rank: int, world: int) -> StreamLoader:
 
     model_cfg = model_config(cfg)
     transform = XVLASampleTransform(tokenizer=load_tokenizer(cfg), max_text_len=model_cfg.max_text_len,
-                                    instructions=load_manifest(data.shards).tasks(),
+                                    instructions=load_manifest(data.shards).tasks,
                                     augment=AugmentConfig() if cfg.data.augment else None)
     return StreamLoader(data.shards, StreamConfig(
         batch_size=cfg.micro_batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
@@ -130,6 +130,11 @@ def export(state: dict[str, torch.Tensor], cfg: TrainConfig, data, out_url: str,
         load_tokenizer(cfg).save_pretrained(staging)
         fs_n, p_n = storage.resolve(data.norm_stats)
         fs_n.get(p_n, os.path.join(staging, "norm_stats.json"))
+        from data_loaders.manifest import load_manifest
+        from serving.policy_xvla import INSTRUCTIONS_FILE
+
+        with open(os.path.join(staging, INSTRUCTIONS_FILE), "w") as f:
+            json.dump({str(k): v for k, v in load_manifest(data.shards).tasks.items()}, f, indent=1)
         with open(os.path.join(staging, SERVING_FILE), "w") as f:
             f.write(ServingConfig(inpainting=False, stage_voting=False).to_json())
         fs, path = storage.resolve(out_url)

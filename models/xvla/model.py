@@ -94,11 +94,12 @@ class XVLA(nn.Module):
     # --- training ----------------------------------------------------------------------------------------------
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
-                ) -> dict[str, torch.Tensor]:
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Losses of one batch: images, input_ids, proprio (B, A), actions (B, T, A), action_mask (B, T),
         task (B,), skill (B,) class index or -1 when the frame has no annotated skill.
 
-        Returns {"loss", "action_loss", "skill_loss", "skill_acc"}; the prompt uses the labelled skill (the
+        Returns (loss, detached metrics {"loss", "action_loss", "skill_loss", "skill_acc"}), the contract of every
+        model the trainer drives; the prompt uses the labelled skill (the
         classifier only supplies it at inference), and unlabelled frames use skill 0's prompt row.
         """
         cfg = self.cfg
@@ -125,8 +126,8 @@ class XVLA(nn.Module):
             skill_loss = logits.sum() * 0.0  # keeps the graph (and every rank's collectives) identical
             skill_acc = torch.zeros((), device=dev)
         loss = action_loss + cfg.skill_loss_weight * skill_loss
-        return {"loss": loss, "action_loss": action_loss.detach(), "skill_loss": skill_loss.detach(),
-                "skill_acc": skill_acc.detach()}
+        return loss, {"loss": loss.detach(), "action_loss": action_loss.detach(), "skill_loss": skill_loss.detach(),
+                      "skill_acc": skill_acc.detach()}
 
     # --- inference ---------------------------------------------------------------------------------------------
 
@@ -134,10 +135,12 @@ class XVLA(nn.Module):
     def generate_actions(self, images: torch.Tensor, input_ids: torch.Tensor, task_id: torch.Tensor, *,
                          proprio: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
                          skill_id: torch.Tensor | None = None, steps: int | None = None,
-                         generator: torch.Generator | None = None, return_skill: bool = False):
+                         generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                         return_skill: bool = False):
         """Absolute actions (B, T, real_action_dim); the skill comes from the classifier unless `skill_id`.
 
-        With `return_skill`, returns (actions, skill ids used). Sampling (§1.6): a-hat = 0, then for i = S..1:
+        `noise` (B, T, max_action_dim) fixes eps (default: drawn from `generator`). With `return_skill`, returns
+        (actions, skill ids used). Sampling (§1.6): a-hat = 0, then for i = S..1:
         t = i/S, a-hat = f(t * eps + (1 - t) * a-hat, t) with the same eps every step.
         """
         cfg = self.cfg
@@ -147,7 +150,8 @@ class XVLA(nn.Module):
         task = task_id.reshape(b).long().to(dev)
         skill = logits.argmax(-1) if skill_id is None else skill_id.reshape(b).long().to(dev)
         state = torch.zeros(b, cfg.max_action_dim, device=dev) if proprio is None else self._pad(proprio.to(dev))
-        eps = torch.randn((b, cfg.num_actions, cfg.max_action_dim), generator=generator, device=dev)
+        eps = (torch.randn((b, cfg.num_actions, cfg.max_action_dim), generator=generator, device=dev)
+               if noise is None else noise.to(dev, torch.float32))
         a_hat = torch.zeros_like(eps)
         n = steps or cfg.num_sampling_steps
         for i in range(n, 0, -1):

@@ -33,9 +33,9 @@ def load_tokenizer(path: str | None) -> Any:
     """The tokenizer saved in a checkpoint directory, else the byte-level one (FileNotFoundError never: tiny
     models are meant to run without files)."""
     if path and has_tokenizer(path):
-        from transformers import AutoTokenizer
+        from transformers import BartTokenizer
 
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return BartTokenizer.from_pretrained(path, local_files_only=True)
     return byte_level_tokenizer()
 
 

@@ -43,12 +43,12 @@ def test_shapes_loss_and_tokens_per_view():
     assert aux.shape == (B, 2 * 50, cfg.text.d_model) and logits.shape == (B, cfg.num_skills)
     model.train()
     batch = {**x, "actions": torch.randn(B, 30, 23), "task": torch.tensor([0, 40]), "skill": torch.tensor([3, -1])}
-    out = model(batch, generator=torch.Generator().manual_seed(0))
-    assert torch.isfinite(out["loss"]) and out["loss"] > out["action_loss"] > 0  # + 0.1 * skill CE
-    out["loss"].backward()
+    loss, out = model(batch, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and out["loss"] > out["action_loss"] > 0  # + 0.1 * skill CE
+    loss.backward()
     assert model.transformer.task_prompt_hub.weight.grad is not None
     # Only labelled frames enter the skill loss: the same batch with no labels has none.
-    none = model({**batch, "skill": torch.tensor([-1, -1])}, generator=torch.Generator().manual_seed(0))
+    _, none = model({**batch, "skill": torch.tensor([-1, -1])}, generator=torch.Generator().manual_seed(0))
     assert float(none["skill_loss"]) == 0.0 and torch.allclose(none["loss"], none["action_loss"])
 
 

@@ -1,0 +1,93 @@
+"""An X-VLA export served by the same server: the seed's checkpoint layout plus norm_stats.json (gripper-closure
+table), serving.json and instructions.json (the task sentences the model was trained with).
+
+The server knows the task, not the current skill: the instruction is the task sentence, and the skill prompt comes
+from the model's own classifier (generate_actions without skill_id), as the variant is meant to be used. X-VLA has
+no stage head and no inpainting, so those controls must be off; chunking, resampling and the gripper correction
+apply as for pi-behavior.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+
+from data_loaders.behavior_facts import MAX_NUM_STAGES, TASK_NUM_STAGES
+from data_loaders.instructions import task_sentence
+from serving.config import ServingConfig
+from serving.control.gripper import GripperCorrection
+from serving.control.session import InferenceRequest, InferenceResult, PolicyInfo
+
+log = logging.getLogger(__name__)
+INSTRUCTIONS_FILE = "instructions.json"
+
+
+class XVLAServingPolicy:
+    def __init__(self, model, tokenizer, cfg: ServingConfig, *, name: str, instructions: dict[int, str],
+                 correction: GripperCorrection | None, global_step: int | None = None) -> None:
+        if cfg.inpainting or cfg.stage_voting:
+            raise ValueError(f"{name}: X-VLA has no inpainting and no stage head; serve it with "
+                             f"--set inpainting=false --set stage_voting=false (its serving.json says so)")
+        self.model, self.tokenizer, self.cfg, self.name = model, tokenizer, cfg, name
+        self.instructions, self.correction, self.global_step = instructions, correction, global_step
+        self.device = next(model.parameters()).device
+        self.nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+    @classmethod
+    def load(cls, local_dir: str, cfg: ServingConfig, *, name: str, device: str = "cpu") -> XVLAServingPolicy:
+        from data_loaders.norm_stats import NormStats
+        from models.xvla.checkpoint import load_checkpoint
+        from models.xvla.tokenizer import load_tokenizer
+
+        model, state = load_checkpoint(local_dir, device=device)
+        instructions: dict[int, str] = {}
+        path = os.path.join(local_dir, INSTRUCTIONS_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                instructions = {int(k): v for k, v in json.load(f).items()}
+        correction = None
+        norm_path = os.path.join(local_dir, "norm_stats.json")
+        if os.path.exists(norm_path):
+            norm = NormStats.load(norm_path)
+            if norm.gripper_closure is not None:
+                correction = GripperCorrection(norm.gripper_closure, cfg.closed_threshold, cfg.min_close_fraction)
+        if correction is None:
+            log.warning("%s: no gripper-closure table in the export; the gripper correction is off", local_dir)
+        return cls(model, load_tokenizer(local_dir), cfg, name=name, instructions=instructions,
+                   correction=correction, global_step=state.get("global_step"))
+
+    @property
+    def num_tasks(self) -> int:
+        return self.model.cfg.num_tasks
+
+    def info(self, task: int) -> PolicyInfo:
+        return PolicyInfo(key=self.name, cfg=self.cfg, num_stages=int(TASK_NUM_STAGES[task]),
+                          correction=self.correction if self.cfg.gripper_correction else None)
+
+    def infer(self, reqs: list[InferenceRequest]) -> list[InferenceResult]:
+        """One absolute (30, 23) chunk per request; each request's noise is a function of its key."""
+        from models.xvla.tokenizer import encode
+        from serving.policy import noise_seed
+
+        t0 = time.perf_counter()
+        cfg, dev = self.model.cfg, self.device
+        ids = encode(self.tokenizer, [task_sentence(r.task, self.instructions) for r in reqs], cfg.max_text_len)
+        noise = torch.cat([torch.randn((1, cfg.num_actions, cfg.max_action_dim),
+                                       generator=torch.Generator().manual_seed(noise_seed(r.noise_key)))
+                           for r in reqs])
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            actions = self.model.generate_actions(
+                images=torch.from_numpy(np.stack([r.images for r in reqs])).to(dev),
+                input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+                task_id=torch.tensor([r.task for r in reqs], device=dev),
+                proprio=torch.from_numpy(np.stack([r.state for r in reqs]).astype(np.float32)).to(dev),
+                steps=cfg.num_sampling_steps, noise=noise)
+        ms = (time.perf_counter() - t0) * 1e3
+        out = actions.float().cpu().numpy()
+        return [InferenceResult(actions=out[i], stage_logits=np.zeros(MAX_NUM_STAGES, np.float32), infer_ms=ms)
+                for i in range(len(reqs))]
