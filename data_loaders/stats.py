@@ -244,9 +244,13 @@ def _scan(manifest: Manifest, shards: list[ShardInfo], acc: StatsAccumulator,
                 raise ValueError(f"{where}: sample key {key!r} is not e<episode>_f<frame>; "
                                  f"re-run `b1k-train data shard`")
             s = decode_sample(files, image_format=manifest.image_format, where=f"{where}:{key}", decode_images=False)
+            meta = s.get("meta") or {}
+            # Shards without task/stage labels (hand-made test shards, old converters) skip the control tables.
+            task, stage = meta.get("task"), meta.get("stage")
             acc.add(episode=int(m.group(1)), frame=int(m.group(2)), state=s["state"], actions=s["actions"],
-                    action_mask=s["action_mask"], task=int(s["meta"]["task"]), stage=int(s["meta"]["stage"]),
-                    skill=int(s["meta"].get("skill_index", -1)) if s["meta"].get("skill_valid") else -1)
+                    action_mask=s["action_mask"], task=None if task is None else int(task),
+                    stage=None if stage is None else int(stage),
+                    skill=int(meta.get("skill_index", -1)) if meta.get("skill_valid") else -1)
             n += 1
         on_shard(n)
 

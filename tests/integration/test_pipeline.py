@@ -76,7 +76,15 @@ def test_pipeline_killed_resumed_rerun_registered_and_promoted(s3_bucket, s3fs_c
         if s3fs_client.exists(f"{root}/ft-ckpt1"):
             committed = committed_checkpoints(f"{root}/ft-ckpt1")
         time.sleep(0.3)
+    # Everything the pipeline started dies at once: the driver's process group, and the local Ray cluster, whose
+    # raylet and workers run in their own sessions (killing the group alone lets a worker finish its fine-tune).
+    tree = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
     proc.wait()
     log1.close()
     first = (tmp_path / "first.log").read_text()
