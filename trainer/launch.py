@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import uuid
 from typing import Any
 
 import torch
@@ -37,7 +38,9 @@ def ray_storage(url: str) -> tuple[str, Any]:
 
 def check_storage_writable(url: str) -> None:
     """Fail early, with the fix, when the run's storage cannot be written."""
-    fs, path = storage.resolve(storage.join(url, ".b1k-write-check"))
+    # A name of its own per check: concurrent fits under one storage root (the pipeline's fine-tunes) would
+    # otherwise delete each other's probe and report a writable store as unwritable.
+    fs, path = storage.resolve(storage.join(url, f".b1k-write-check-{os.getpid()}-{uuid.uuid4().hex[:12]}"))
     try:
         storage.write_bytes_atomic(fs, path, b"ok")
         fs.rm(path)
