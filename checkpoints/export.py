@@ -61,21 +61,31 @@ def export_artifact(out_url: str, *, state_dict: dict[str, torch.Tensor], model_
             f.write((serving_config or ServingConfig()).to_json())
         _copy_url(norm_stats_url, os.path.join(staging, NORM_FILE))
         _copy_url(fast_tokenizer_url, os.path.join(staging, FAST_DIR))
-        fs, path = storage.resolve(out_url)
-        if storage.is_local(fs):
-            os.makedirs(path, exist_ok=True)
-        for name in sorted(os.listdir(staging)):  # state.json is not there yet: it goes last
-            src = os.path.join(staging, name)
-            fs.put(src, storage.join(path, name), recursive=os.path.isdir(src))
-        state = json.dumps({**(extra_state or {}), "global_step": int(step)}).encode()
-        storage.write_bytes_atomic(fs, storage.join(path, STATE_FILE), state)
-        if keep_copy_in:
-            with open(os.path.join(staging, STATE_FILE), "wb") as f:
-                f.write(state)
+        publish_staged(staging, out_url, step=step, extra_state=extra_state, keep_state_copy=bool(keep_copy_in))
     finally:
         if not keep_copy_in:
             shutil.rmtree(staging, ignore_errors=True)
     return out_url
+
+
+def publish_staged(staging: str, out_url: str, *, step: int, extra_state: dict[str, Any] | None = None,
+                   keep_state_copy: bool = False) -> None:
+    """Upload every file of the local `staging` directory to `out_url`, then state.json ({**extra_state,
+    "global_step": step}) atomically and last, so a reader that finds state.json finds a complete artifact.
+    With `keep_state_copy` state.json is also written into `staging`."""
+    fs, path = storage.resolve(out_url)
+    if storage.is_local(fs):
+        os.makedirs(path, exist_ok=True)
+    for name in sorted(os.listdir(staging)):
+        if name == STATE_FILE:
+            continue
+        src = os.path.join(staging, name)
+        fs.put(src, storage.join(path, name), recursive=os.path.isdir(src))
+    state = json.dumps({**(extra_state or {}), "global_step": int(step)}).encode()
+    storage.write_bytes_atomic(fs, storage.join(path, STATE_FILE), state)
+    if keep_state_copy:
+        with open(os.path.join(staging, STATE_FILE), "wb") as f:
+            f.write(state)
 
 
 def read_export_state(url: str) -> dict[str, Any]:

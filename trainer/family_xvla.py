@@ -117,8 +117,11 @@ def export(state: dict[str, torch.Tensor], cfg: TrainConfig, data, out_url: str,
     server's norm_stats.json and serving.json (X-VLA has no stage head and no inpainting: both off)."""
     from safetensors.torch import save_file
 
-    from models.xvla.checkpoint import CONFIG_FILE, MODEL_FILE, STATE_FILE, config_to_json
+    from checkpoints.export import NORM_FILE, publish_staged
+    from data_loaders.manifest import load_manifest
+    from models.xvla.checkpoint import CONFIG_FILE, MODEL_FILE, config_to_json
     from serving.config import SERVING_FILE, ServingConfig
+    from serving.policy_xvla import INSTRUCTIONS_FILE
 
     staging = keep_copy_in or tempfile.mkdtemp(prefix="b1k-xvla-export-")
     try:
@@ -129,26 +132,12 @@ def export(state: dict[str, torch.Tensor], cfg: TrainConfig, data, out_url: str,
             json.dump(doc, f, indent=2, sort_keys=True)
         load_tokenizer(cfg).save_pretrained(staging)
         fs_n, p_n = storage.resolve(data.norm_stats)
-        fs_n.get(p_n, os.path.join(staging, "norm_stats.json"))
-        from data_loaders.manifest import load_manifest
-        from serving.policy_xvla import INSTRUCTIONS_FILE
-
+        fs_n.get(p_n, os.path.join(staging, NORM_FILE))
         with open(os.path.join(staging, INSTRUCTIONS_FILE), "w") as f:
             json.dump({str(k): v for k, v in load_manifest(data.shards).tasks.items()}, f, indent=1)
         with open(os.path.join(staging, SERVING_FILE), "w") as f:
             f.write(ServingConfig(inpainting=False, stage_voting=False).to_json())
-        fs, path = storage.resolve(out_url)
-        if storage.is_local(fs):
-            os.makedirs(path, exist_ok=True)
-        for name in sorted(os.listdir(staging)):
-            if name != STATE_FILE:
-                src = os.path.join(staging, name)
-                fs.put(src, storage.join(path, name), recursive=os.path.isdir(src))
-        body = json.dumps({**(extra_state or {}), "global_step": int(step)}).encode()
-        storage.write_bytes_atomic(fs, storage.join(path, STATE_FILE), body)
-        if keep_copy_in:
-            with open(os.path.join(staging, STATE_FILE), "wb") as f:
-                f.write(body)
+        publish_staged(staging, out_url, step=step, extra_state=extra_state, keep_state_copy=bool(keep_copy_in))
     finally:
         if not keep_copy_in:
             shutil.rmtree(staging, ignore_errors=True)
