@@ -100,11 +100,13 @@ def fit(cfg: TrainConfig, *, run_name: str, storage_url: str, num_workers: int |
     run_dir = storage.join(storage_url, run_name)
     data = prepare_data(cfg, data_run_dir or run_dir)
     init_ray(hi)
+    use_gpu = _workers_use_gpu()
     loop_config = {"config": cfg, "data": data, "run_dir": run_dir, "run_name": run_name,
                    "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"), **(loop_extra or {})}
 
     def attempt(_: int):
-        return _fit_attempt(cfg, loop_config, run_name=run_name, storage_url=storage_url, workers=(lo, hi))
+        return _fit_attempt(cfg, loop_config, run_name=run_name, storage_url=storage_url, workers=(lo, hi),
+                            use_gpu=use_gpu)
 
     result = supervise(attempt, run_dir_url=run_dir, resilience=cfg.resilience,
                        before_attempt=lambda: sweep_orphans(run_dir))
@@ -116,8 +118,17 @@ def fit(cfg: TrainConfig, *, run_name: str, storage_url: str, num_workers: int |
     return summary
 
 
+def _workers_use_gpu() -> bool:
+    import ray
+
+    from trainer.resources import USE_GPU_ENV, workers_use_gpu
+
+    return workers_use_gpu(env_value=os.environ.get(USE_GPU_ENV), driver_has_cuda=torch.cuda.is_available(),
+                           cluster_gpus=float(ray.cluster_resources().get("GPU", 0)))
+
+
 def _fit_attempt(cfg: TrainConfig, loop_config: dict[str, Any], *, run_name: str, storage_url: str,
-                 workers: tuple[int, int]) -> Any:
+                 workers: tuple[int, int], use_gpu: bool) -> Any:
     """One Ray Train fit with Ray's own retries off: failures go back to the supervisor."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -126,7 +137,6 @@ def _fit_attempt(cfg: TrainConfig, loop_config: dict[str, Any], *, run_name: str
     from trainer.parallel import nccl_env
     from trainer.ray_backend import NodeAddressTorchConfig
 
-    use_gpu = torch.cuda.is_available()
     storage_path, storage_fs = ray_storage(storage_url)
     tracking_dir = os.path.join(tempfile.gettempdir(), "b1k-train-mlflow", run_name) \
         if not storage.is_local(storage.resolve(storage_url)[0]) else os.path.join(storage_path, run_name, "mlflow")

@@ -277,6 +277,12 @@ class Pipeline:
             if not run_id:
                 raise RunFailedError(f"{export_url} records no MLflow run; it cannot be registered")
             has_artifact = bool(client.list_artifacts(run_id, "export"))
+            if not has_artifact and st.cfg.track_export:
+                # Killed between writing the export and uploading it to the run: finish that upload now, so every
+                # version's source is the run's own copy (runs:/<id>/export), as for an uninterrupted stage.
+                _upload_export_to_run(client, run_id, export_url)
+                has_artifact = True
+                self.out(f"== register: uploaded {st.name}'s export to MLflow run {run_id} (interrupted earlier)")
             tags = {"b1k.tasks": json.dumps(list(st.tasks)), "b1k.recipe": self.cfg.recipe, "b1k.pipeline": self.name,
                     "b1k.stage": st.name, "b1k.data_manifest": data.base_shards,
                     "b1k.data_fingerprint": data.train_fingerprints[st.name], "b1k.git_commit": commit,
@@ -331,3 +337,12 @@ def _evaluate_task(export_url: str, view_url: str, tasks: list[int], batch_size:
                              num_inference_steps=num_inference_steps)
     result["mlflow_run_id"] = read_export_state(export_url).get("mlflow_run_id")
     return result
+
+
+def _upload_export_to_run(client, run_id: str, export_url: str) -> None:
+    """Copy the complete export at `export_url` into run `run_id`'s artifacts under export/."""
+    fs, path = storage.resolve(export_url)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "export")
+        fs.get(path.rstrip("/") + "/", local, recursive=True)
+        client.log_artifacts(run_id, local, "export")

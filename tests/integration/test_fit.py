@@ -45,7 +45,9 @@ def first_step_loss(run_dir: str) -> float:
 _first_losses: dict[str, float] = {}
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
+# ddp is the reference; fsdp and zero2 go through fit in the resume tests below, every strategy learns in
+# test_parallel: here the full path (Ray, loader, export, eval) for the replicated and the fully sharded extremes.
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
 def test_strategy_learns_and_agrees_on_the_first_step(prepared, tmp_path, strategy):
     data, _ = prepared
     summary = fit(config(prepared, f"strategy={strategy}"), run_name=f"learn-{strategy}", storage_url=str(tmp_path),

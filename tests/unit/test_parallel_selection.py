@@ -134,3 +134,16 @@ def test_operator_nccl_settings_win():
                              "NCCL_DEBUG": "INFO", "HOME": "/root"}, use_gpu=True)
     assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in env and env["TORCH_NCCL_BLOCKING_WAIT"] == "1"
     assert env["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "0" and env["NCCL_DEBUG"] == "INFO" and "HOME" not in env
+
+
+def test_workers_take_gpus_when_the_cluster_has_them_even_if_the_driver_does_not():
+    from trainer.resources import workers_use_gpu
+
+    # The Kubernetes case: driver on the CPU-only head pod, 8 GPUs per worker node.
+    assert workers_use_gpu(env_value=None, driver_has_cuda=False, cluster_gpus=16.0)
+    assert workers_use_gpu(env_value="auto", driver_has_cuda=True, cluster_gpus=0.0)
+    assert not workers_use_gpu(env_value="", driver_has_cuda=False, cluster_gpus=0.0)  # this CPU machine
+    assert workers_use_gpu(env_value="1", driver_has_cuda=False, cluster_gpus=0.0)  # waits for GPU nodes
+    assert not workers_use_gpu(env_value="0", driver_has_cuda=True, cluster_gpus=8.0)
+    with pytest.raises(ValueError, match="B1K_USE_GPU='maybe': use 1"):
+        workers_use_gpu(env_value="maybe", driver_has_cuda=False, cluster_gpus=0.0)

@@ -94,3 +94,19 @@ def test_champion_from_another_split_or_normalisation_is_re_evaluated(client):
 def test_promote_without_challenger_says_how_to_get_one(client):
     with pytest.raises(ValueError, match="no @challenger version; run `b1k-train pipeline`"):
         promote(client, "m", PromotionConfig())
+
+
+def test_an_export_missing_from_its_run_is_uploaded_whole(client, tmp_path):
+    """A stage killed after writing its export but before uploading it: the pipeline copies the export (files and
+    sub-directories) into the run so the registered source is runs:/<id>/export."""
+    from trainer.pipeline import _upload_export_to_run
+
+    export = tmp_path / "ft" / "export"
+    (export / "fast").mkdir(parents=True)
+    (export / "state.json").write_text('{"global_step": 3}')
+    (export / "fast" / "vocab.json").write_text("{}")
+    run_id = client.create_run(client.get_experiment_by_name("e").experiment_id).info.run_id
+    assert client.list_artifacts(run_id, "export") == []
+    _upload_export_to_run(client, run_id, str(export))
+    assert sorted(a.path for a in client.list_artifacts(run_id, "export")) == ["export/fast", "export/state.json"]
+    assert [a.path for a in client.list_artifacts(run_id, "export/fast")] == ["export/fast/vocab.json"]
