@@ -10,8 +10,9 @@
 #       serve --model models:/pi-behavior-ckpt1@champion --host 0.0.0.0
 FROM python:3.11-slim-bookworm
 
-# build-essential: DeepSpeed compiles its ops just in time; git: `b1k.git_commit` tags fall back to it.
-RUN apt-get update && apt-get install -y --no-install-recommends build-essential git \
+# build-essential: DeepSpeed compiles its ops just in time; git: `b1k.git_commit` tags fall back to it;
+# wget: KubeRay's default readiness/liveness probes of Ray head and worker pods run `wget` against the raylet.
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential git wget \
     && rm -rf /var/lib/apt/lists/*
 
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 \
