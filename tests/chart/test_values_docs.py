@@ -48,3 +48,15 @@ def test_every_top_level_value_is_in_the_schema():
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert set(values) <= set(schema["properties"]), set(values) - set(schema["properties"])
     assert not schema.get("additionalProperties", True)
+
+
+def test_schema_json_is_generated_from_scripts_values_schema():
+    import importlib.util
+
+    from tests.chart.support import ROOT
+
+    spec = importlib.util.spec_from_file_location("values_schema", ROOT / "scripts" / "values_schema.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (CHART / "values.schema.json").read_text() == module.render(), \
+        "values.schema.json is stale: run .venv/bin/python scripts/values_schema.py"

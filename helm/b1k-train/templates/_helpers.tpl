@@ -20,7 +20,10 @@
 {{/* Object names of the parts; kept short enough for KubeRay's generated names (<= 40 characters). */}}
 {{- define "b1k.mlflowName" -}}{{ include "b1k.fullname" . | trunc 40 | trimSuffix "-" }}-mlflow{{- end -}}
 {{- define "b1k.serverName" -}}{{ include "b1k.fullname" . | trunc 40 | trimSuffix "-" }}-policy{{- end -}}
-{{- define "b1k.rayName" -}}{{ include "b1k.fullname" . | trunc 40 | trimSuffix "-" }}-ray{{- end -}}
+{{- define "b1k.rayName" -}}
+{{- if .Values.training.jobName -}}{{ .Values.training.jobName }}{{- else -}}
+{{ include "b1k.fullname" . | trunc 40 | trimSuffix "-" }}-ray{{- end -}}
+{{- end -}}
 
 {{- define "b1k.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "b1k.name" .root }}
