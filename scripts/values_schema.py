@@ -139,6 +139,8 @@ schema = {
                      maxLength=44),
         "overrides": {"type": "array", "description": "--set KEY=VALUE overrides",
                       "items": {"type": "string", "pattern": "^[a-z_][a-z0-9_.]*=[^']*$"}},
+        "extraArgs": {"type": "array", "description": "More --flag=value arguments of the command",
+                      "items": {"type": "string", "pattern": "^--[a-z][-a-z]*(=[^'\\s]*)?$"}},
         "trainWorkers": s("string", "N or MIN:MAX (empty: from the worker group)",
                           pattern="^([1-9][0-9]*(:[1-9][0-9]*)?)?$"),
         "rayVersion": s("string", "Ray version of the image", pattern="^[0-9]+\\.[0-9]+\\.[0-9]+$"),

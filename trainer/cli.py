@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from trainer.k8s.errors import JobFailed, K8sError
 from trainer.supervisor import RunFailedError
 
 # Nothing we run should talk to the internet: no usage stats, no cloud metadata probing, no model hub.
@@ -74,7 +75,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from trainer.recipes import get_recipe
 
     cfg = apply_overrides(get_recipe(args.recipe), args.set or [])
-    summary = fit(cfg, run_name=args.run_name, storage_url=args.storage, num_workers=args.workers)
+    extra = {k: v for k, v in (("experiment", args.experiment), ("run_name", args.tracking_run_name)) if v}
+    summary = fit(cfg, run_name=args.run_name, storage_url=args.storage, num_workers=args.workers,
+                  loop_extra=extra or None)
     print(f"run {args.run_name}: last checkpoint {summary['checkpoint']}")
     return 0
 
@@ -96,8 +99,10 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     from trainer.recipes import get_pipeline
 
     cfg = apply_overrides(get_pipeline(args.recipe), args.set or [])
+    from trainer.cli_k8s import pipeline_runner
+
     summary = Pipeline(cfg, run_name=args.run_name, storage_url=args.storage, workers=args.workers,
-                       tracking_uri=args.tracking_uri).run()
+                       tracking_uri=args.tracking_uri, runner=pipeline_runner(args)).run()
     print_outcome(summary)
     return 0
 
@@ -243,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "cluster can place (the global batch stays fixed)")
     fit.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a config field, e.g. --set optim.peak_lr=3e-4 --set strategy=zero2")
+    fit.add_argument("--experiment", default=None, help="MLflow experiment of the run (default: b1k-train)")
+    fit.add_argument("--tracking-run-name", default=None, help="MLflow run name (default: --run-name); the "
+                     "pipeline's stages use <pipeline>/<stage>")
     fit.set_defaults(func=_cmd_fit)
 
     ex = sub.add_parser("export", help="write the serving artifact (EMA weights, config, norm stats, FAST "
@@ -268,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a field: train.num_steps=..., finetune.peak_lr=..., subsets='a:0,1;b:40', "
                          "eval.holdout_fraction=...")
+    from trainer.cli_k8s import add_k8s_parser, add_pipeline_k8s_options
+
+    add_pipeline_k8s_options(pl)
     pl.set_defaults(func=_cmd_pipeline)
 
     ev = sub.add_parser("eval", help="held-out metrics of an export (path, s3:// or models:/NAME@alias) on shards "
@@ -309,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a serving setting (below)")
     sv.set_defaults(func=_cmd_serve)
 
+    add_k8s_parser(sub, _recipes_epilog() + " pipelines: " + _pipelines_epilog())
+
     d = sub.add_parser("demo", help="the main job on the embedded default: the tiny two-stage pipeline on synthetic "
                        "data (local Ray, local MLflow), then promotion; prints models, aliases, eval table, mapping")
     d.add_argument("--workdir", default="outputs/demo")
@@ -334,6 +347,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunFailedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except K8sError as e:  # cluster access, missing KubeRay, RBAC, name conflicts, failed jobs: the fix is named
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, JobFailed) else 2
 
 
 if __name__ == "__main__":

@@ -55,8 +55,10 @@ def export_step(run_dir: str) -> int | None:
 
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, *, run_name: str, storage_url: str, workers: str = "1",
-                 tracking_uri: str | None = None, out: Callable[[str], None] = print):
-        self.cfg, self.name, self.out = cfg, run_name, out
+                 tracking_uri: str | None = None, out: Callable[[str], None] = print, runner: Any = None):
+        """`runner`: where training stages run; None trains on the Ray cluster of this process (local or
+        RAY_ADDRESS), a trainer.k8s.stages.K8sStageRunner submits each stage as its own RayJob."""
+        self.cfg, self.name, self.out, self.runner = cfg, run_name, out, runner
         self.root = storage.join(storage_url, run_name)
         self.workers = parse_workers(workers)
         self.ft_workers = parse_workers(cfg.finetune.workers) if cfg.finetune.workers else self.workers
@@ -154,6 +156,10 @@ class Pipeline:
     def _fit(self, stage: Stage) -> None:
         from trainer.launch import fit
 
+        if self.runner is not None:
+            self.runner.fit(stage, pipeline=self.name, root=self.root, experiment=self.cfg.experiment,
+                            tracking_uri=self.tracking_uri)
+            return
         fit(stage.cfg, run_name=stage.run_name, storage_url=self.root, num_workers=stage.workers,
             loop_extra={"run_name": f"{self.name}/{stage.run_name}", "experiment": self.cfg.experiment})
 
@@ -183,14 +189,18 @@ class Pipeline:
                 todo.append(st)
         if not todo:
             return trained
-        init_ray(max(self.workers[1], self.ft_workers[1]))
-        free = ray.available_resources()  # what other jobs on a shared cluster leave
-        at_once = concurrent_slots(free, workers_per_job=self.ft_workers[1], jobs=len(todo))
-        if self.cfg.finetune.max_concurrent:
-            at_once = min(at_once, self.cfg.finetune.max_concurrent)
-        self.out(f"== fine-tunes {[s.name for s in todo]}: {at_once} at a time "
-                 f"(free in the cluster: {dict((k, v) for k, v in free.items() if k in ('CPU', 'GPU'))}, "
-                 f"{self.ft_workers[1]} worker(s) each)")
+        if self.runner is not None:  # each fine-tune gets its own Ray cluster: the scheduler (or Kueue) queues them
+            at_once = min(len(todo), self.cfg.finetune.max_concurrent or len(todo))
+            self.out(f"== fine-tunes {[s.name for s in todo]}: {at_once} at a time, each as its own RayJob")
+        else:
+            init_ray(max(self.workers[1], self.ft_workers[1]))
+            free = ray.available_resources()  # what other jobs on a shared cluster leave
+            at_once = concurrent_slots(free, workers_per_job=self.ft_workers[1], jobs=len(todo))
+            if self.cfg.finetune.max_concurrent:
+                at_once = min(at_once, self.cfg.finetune.max_concurrent)
+            self.out(f"== fine-tunes {[s.name for s in todo]}: {at_once} at a time "
+                     f"(free in the cluster: {dict((k, v) for k, v in free.items() if k in ('CPU', 'GPU'))}, "
+                     f"{self.ft_workers[1]} worker(s) each)")
         errors: dict[str, BaseException] = {}
 
         def one(st: Stage) -> None:

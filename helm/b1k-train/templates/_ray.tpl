@@ -22,6 +22,7 @@
 {{- $t := .Values.training -}}
 b1k-train {{ $t.command }} {{ $t.recipe }} --run-name {{ $t.runName }} --storage {{ .Values.storage.url | squote }} --workers {{ include "b1k.trainWorkers" . }}
 {{- range $t.overrides }} --set {{ . | squote }}{{ end }}
+{{- range $t.extraArgs }} {{ . | squote }}{{ end }}
 {{- end -}}
 
 {{/* Environment of the Ray containers: shared env, the GPU choice for Ray Train, NCCL settings on GPUs only. */}}
