@@ -346,6 +346,7 @@ def _handler(kube: FakeKube):
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Connection", "close")  # so the client does not pool a connection this side closes
             self.end_headers()
             sent = since
             try:
