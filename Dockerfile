@@ -25,6 +25,8 @@ COPY data_loaders data_loaders
 COPY models models
 COPY checkpoints checkpoints
 COPY serving serving
+# The Helm chart: `b1k-train k8s submit` and `pipeline --on-k8s` render their RayJobs from it.
+COPY helm/b1k-train helm/b1k-train
 RUN pip install "torch==2.13.0" "setuptools>=68" wheel \
     && pip install --no-build-isolation "deepspeed==0.19.8" \
     && pip install . \
@@ -33,7 +35,7 @@ RUN pip install "torch==2.13.0" "setuptools>=68" wheel \
 # A non-root user; its home holds the model cache (B1K_MODEL_CACHE) and Ray's session files.
 RUN useradd --create-home --uid 1000 b1k
 USER 1000:1000
-ENV HOME=/home/b1k B1K_MODEL_CACHE=/home/b1k/.cache/b1k-train/models
+ENV HOME=/home/b1k B1K_MODEL_CACHE=/home/b1k/.cache/b1k-train/models B1K_CHART_DIR=/opt/b1k-train/helm/b1k-train
 WORKDIR /home/b1k
 
 # Healthy when B1K_HEALTHCHECK_URL (e.g. the server's /healthz) answers 2xx; always healthy when it is unset

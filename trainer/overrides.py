@@ -67,32 +67,51 @@ def _field_types(obj: Any) -> dict[str, Any]:
     return typing.get_type_hints(type(obj))
 
 
-def apply_override(cfg: Any, key: str, text: str, *, full_key: str | None = None) -> Any:
+def apply_override(cfg: Any, key: str, text: str) -> Any:
     """Return a copy of `cfg` with dotted field `key` set from `text`."""
-    head, _, rest = key.partition(".")
-    key = full_key or key
-    names = [f.name for f in dataclasses.fields(cfg)]
-    if head not in names:
-        hint = difflib.get_close_matches(head, names, n=1)
-        raise ValueError(f"--set {key}: unknown field {head!r} of {type(cfg).__name__}"
-                         + (f"; did you mean {hint[0]!r}?" if hint else f"; fields: {', '.join(names)}"))
-    current = getattr(cfg, head)
-    if rest:
-        if not dataclasses.is_dataclass(current):
-            raise ValueError(f"--set {key}: {head!r} is not a nested config")
-        return dataclasses.replace(cfg, **{head: apply_override(current, rest, text, full_key=key)})
-    if dataclasses.is_dataclass(current):
-        raise ValueError(f"--set {key}: {head!r} is a nested config; set one of its fields, e.g. {key}.<field>")
-    return dataclasses.replace(cfg, **{head: _parse(text, _field_types(cfg)[head], key)})
+    return apply_overrides(cfg, [f"{key}={text}"])
 
 
 def apply_overrides(cfg: Any, assignments: list[str]) -> Any:
+    """Return a copy of `cfg` with every `key=value` applied (a later one for the same key wins).
+
+    All changes to a nested config are applied together before it is validated, so dependent fields can move
+    together: `optim.peak_lr=1e-5 optim.final_lr=1e-6` works whatever the recipe's final_lr was.
+    """
+    changes: dict[str, str] = {}
     for item in assignments:
         key, sep, text = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ValueError(f"--set expects key=value, got {item!r}")
-        cfg = apply_override(cfg, key.strip(), text.strip())
-    return cfg
+        changes.pop(key.strip(), None)  # re-insert: the last assignment of a key wins and keeps its order
+        changes[key.strip()] = text.strip()
+    return _rebuild(cfg, changes, "")
+
+
+def _rebuild(cfg: Any, changes: dict[str, str], prefix: str) -> Any:
+    names = [f.name for f in dataclasses.fields(cfg)]
+    kwargs: dict[str, Any] = {}
+    nested: set[str] = set()
+    for key, text in changes.items():
+        if not key.startswith(prefix):
+            continue
+        head, _, rest = key[len(prefix):].partition(".")
+        if head not in names:
+            hint = difflib.get_close_matches(head, names, n=1)
+            raise ValueError(f"--set {key}: unknown field {head!r} of {type(cfg).__name__}"
+                             + (f"; did you mean {hint[0]!r}?" if hint else f"; fields: {', '.join(names)}"))
+        current = getattr(cfg, head)
+        if rest:
+            if not dataclasses.is_dataclass(current):
+                raise ValueError(f"--set {key}: {head!r} is not a nested config")
+            nested.add(head)
+        elif dataclasses.is_dataclass(current):
+            raise ValueError(f"--set {key}: {head!r} is a nested config; set one of its fields, e.g. {key}.<field>")
+        else:
+            kwargs[head] = _parse(text, _field_types(cfg)[head], key)
+    for head in nested:
+        kwargs[head] = _rebuild(getattr(cfg, head), changes, f"{prefix}{head}.")
+    return dataclasses.replace(cfg, **kwargs) if kwargs else cfg
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:

@@ -75,5 +75,6 @@ def test_every_package_is_copied_and_local_clutter_is_ignored():
     copied = {args.split()[0] for op, args in _instructions() if op == "COPY"}
     for package in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]:
         assert package.rstrip("*") in copied, f"COPY {package.rstrip('*')} missing: the image would lack it"
+    assert "helm/b1k-train" in copied and "B1K_CHART_DIR=/opt/b1k-train/helm/b1k-train" in DOCKERFILE
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", "tests"} <= ignored

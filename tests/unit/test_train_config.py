@@ -70,3 +70,17 @@ def test_cli_lists_recipes_and_reports_bad_input_without_traceback():
     bad = subprocess.run([sys.executable, "-m", "trainer", "fit", "pi_behavior_debug", "--run-name", "r",
                           "--storage", "/tmp/unused", "--set", "micro_batch_size=3"], capture_output=True, text=True)
     assert bad.returncode == 2 and "multiple of micro_batch_size" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_dependent_fields_can_be_overridden_together():
+    from trainer.overrides import apply_overrides
+    from trainer.recipes import get_recipe
+
+    base = get_recipe("pi_behavior_debug")
+    assert base.optim.final_lr > 1e-5  # so that moving peak_lr alone below it is invalid...
+    with pytest.raises(ValueError, match="final_lr must be in"):
+        apply_overrides(base, ["optim.peak_lr=1e-5"])
+    cfg = apply_overrides(base, ["optim.peak_lr=1e-5", "optim.final_lr=1e-6", "num_steps=9", "num_steps=10"])
+    assert (cfg.optim.peak_lr, cfg.optim.final_lr, cfg.num_steps) == (1e-5, 1e-6, 10)  # ...but together it is
+    with pytest.raises(ValueError, match="unknown field 'optm' of TrainConfig; did you mean 'optim'"):
+        apply_overrides(base, ["optm.peak_lr=1"])
