@@ -8,6 +8,10 @@ frame naming the problem, then close code 1011; other connections are not affect
 
 Admin: `GET /admin/status` (JSON: models, resident set, batch sizes) and `GET /admin/reload` (re-resolve registry
 aliases; SIGHUP does the same), both without dropping connections.
+
+Security (serving/security.py): with API keys configured, everything but /healthz needs `Authorization: Api-Key
+<key>` (401 before the websocket upgrade otherwise); optional TLS; messages above the size cap close the connection
+with 1009, connections beyond the cap get 503, and a connection idle for too long is closed with 1001.
 """
 
 from __future__ import annotations
@@ -31,16 +35,25 @@ from serving.batcher import InferenceBatcher
 from serving.control.session import ControlSession
 from serving.observation import parse_observation
 from serving.router import ModelRouter
+from serving.security import SecurityConfig, authorized
 from serving.wire import ProtocolError, pack, unpack
+from trainer import redact
 
 log = logging.getLogger(__name__)
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_GOING_AWAY = 1001
+CLOSE_MESSAGE_TOO_BIG = 1009
 
 
 class PolicyServer:
     def __init__(self, router: ModelRouter, *, host: str = "127.0.0.1", port: int = 8000,
-                 batch_window_ms: float = 2.0, max_batch: int = 16, exit_on_startup_error: bool = True) -> None:
+                 batch_window_ms: float = 2.0, max_batch: int = 16, exit_on_startup_error: bool = True,
+                 security: SecurityConfig | None = None) -> None:
         self.router, self.host, self.port = router, host, port
+        self.security = security or SecurityConfig()
+        redact.REDACTOR.add(*self.security.api_keys)
+        redact.protect_logger("websockets.server")  # its debug log prints request headers, Authorization included
+        self.rejected = 0  # requests refused for a missing/wrong API key or the connection cap
         self.exit_on_startup_error = exit_on_startup_error
         self.connections = 0
         self.batcher = InferenceBatcher(window_ms=batch_window_ms, max_batch=max_batch,
@@ -62,6 +75,12 @@ class PolicyServer:
                 return connection.respond(http.HTTPStatus.OK, "OK\n")
             why = f"failed: {self.startup_error}" if self.startup_error else "loading models"
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, f"not ready ({why})\n")
+        if not authorized(request.headers.get("Authorization"), self.security.api_keys):
+            self.rejected += 1
+            # Never log the header: a wrong key is often a real key of another service.
+            log.warning("refused %s from %s: missing or invalid API key", path, connection.remote_address)
+            return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or invalid API key: send the header "
+                                      "'Authorization: Api-Key <key>' (the evaluator's api_key setting)\n")
         if path == "/admin/status":
             return connection.respond(http.HTTPStatus.OK, json.dumps(self.status()) + "\n")
         if path == "/admin/reload":
@@ -73,10 +92,17 @@ class PolicyServer:
             return connection.respond(http.HTTPStatus.OK, json.dumps({"versions": versions}) + "\n")
         if not self.ready:  # the evaluator retries its websocket connect until we are up
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
+        if self.connections >= self.security.max_connections:
+            self.rejected += 1
+            log.warning("refused a connection from %s: %d open (--max-connections)", connection.remote_address,
+                        self.connections)
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, f"too many connections "
+                                      f"({self.connections} open, --max-connections {self.security.max_connections});"
+                                      f" retry later\n")
         return None
 
     def status(self) -> dict[str, Any]:
-        return {"ready": self.ready, "connections": self.connections, "errors": self.errors,
+        return {"ready": self.ready, "connections": self.connections, "errors": self.errors, "rejected": self.rejected,
                 "batch_sizes": dict(sorted(self.batcher.batch_sizes.items())), **self.router.describe()}
 
     # --- websocket side ---------------------------------------------------------------------------------------
@@ -111,7 +137,12 @@ class PolicyServer:
         try:
             await ws.send(pack({"server": "b1k-train", "protocol": "behavior-2025", "action_dim": 23,
                                 **self.router.describe()}))
-            async for message in ws:
+            while True:
+                try:
+                    message = await asyncio.wait_for(ws.recv(), timeout=self.security.idle_timeout_s)
+                except TimeoutError:
+                    await self._close_idle(ws, conn)
+                    return
                 t0 = time.perf_counter()
                 try:
                     if isinstance(message, str):
@@ -125,8 +156,11 @@ class PolicyServer:
                 reply["server_timing"]["prev_total_ms"] = prev_total_ms
                 await ws.send(pack(reply))
                 prev_total_ms = (time.perf_counter() - t0) * 1e3
-        except ConnectionClosed:
-            pass
+        except ConnectionClosed as e:
+            if e.sent is not None and e.sent.code == CLOSE_MESSAGE_TOO_BIG:
+                self.errors += 1
+                log.warning("connection %d: a message exceeded --max-message-mb %g; closed with 1009", conn,
+                            self.security.max_message_mb)
         finally:
             self.connections -= 1
             log.info("connection %d closed", conn)
@@ -145,6 +179,15 @@ class PolicyServer:
         except ConnectionClosed:
             pass
 
+    async def _close_idle(self, ws: ServerConnection, conn: int) -> None:
+        text = f"idle for {self.security.idle_timeout_s:g} s without a message: closing; reconnect to continue"
+        log.info("connection %d: %s", conn, text)
+        try:
+            await ws.send(text)
+            await ws.close(CLOSE_GOING_AWAY, "idle timeout")
+        except ConnectionClosed:
+            pass
+
     # --- lifecycle --------------------------------------------------------------------------------------------
 
     async def _warm_up(self) -> None:
@@ -158,13 +201,16 @@ class PolicyServer:
                 self._stop.set()
             return
         self.ready = True
-        log.info("ready on ws://%s:%d (%s)", self.host, self.port, ", ".join(self.router.resident()))
+        scheme = "wss" if self.security.tls_cert else "ws"
+        log.info("ready on %s://%s:%d (%s; %s)", scheme, self.host, self.port, ", ".join(self.router.resident()),
+                 f"{len(self.security.api_keys)} API key(s)" if self.security.api_keys else "no authentication")
 
     async def run(self, started: threading.Event | None = None) -> None:
         """Serve until stop(); `started` is set once the port is bound (self.port holds the real port)."""
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         self.batcher.start()
-        async with serve(self._handler, self.host, self.port, compression=None, max_size=None,
+        async with serve(self._handler, self.host, self.port, compression=None,
+                         max_size=self.security.max_message_bytes, ssl=self.security.ssl_context(),
                          process_request=self._process_request, ping_interval=60, ping_timeout=300) as server:
             self.port = server.sockets[0].getsockname()[1]
             if threading.current_thread() is threading.main_thread():

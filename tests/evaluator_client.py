@@ -5,6 +5,7 @@ turn a text frame into a RuntimeError."""
 
 from __future__ import annotations
 
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -16,13 +17,15 @@ from websockets.sync.client import connect
 from serving.wire import pack, unpack
 
 
-def wait_healthy(host: str, port: int, *, timeout_s: float = 60.0, retry_s: float = 0.2) -> list[int]:
+def wait_healthy(host: str, port: int, *, timeout_s: float = 60.0, retry_s: float = 0.2,
+                 ssl_context: ssl.SSLContext | None = None) -> list[int]:
     """Poll /healthz like the evaluator (2 s timeout per try); returns the status codes seen, the last one 2xx."""
     seen = []
     deadline = time.monotonic() + timeout_s
+    scheme = "https" if ssl_context else "http"
     while True:
         try:
-            with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=2) as r:
+            with urllib.request.urlopen(f"{scheme}://{host}:{port}/healthz", timeout=2, context=ssl_context) as r:
                 seen.append(r.status)
                 return seen
         except urllib.error.HTTPError as e:
@@ -35,10 +38,13 @@ def wait_healthy(host: str, port: int, *, timeout_s: float = 60.0, retry_s: floa
 
 
 class EvaluatorClient:
-    def __init__(self, host: str, port: int) -> None:
-        wait_healthy(host, port)
-        self._conn = connect(f"ws://{host}:{port}", compression=None, max_size=None, ping_interval=60,
-                             ping_timeout=300, open_timeout=30)
+    def __init__(self, host: str, port: int, *, api_key: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        wait_healthy(host, port, ssl_context=ssl_context)
+        headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None  # as the evaluator sends it
+        self._conn = connect(f"{'wss' if ssl_context else 'ws'}://{host}:{port}", compression=None, max_size=None,
+                             ping_interval=60, ping_timeout=300, open_timeout=30, additional_headers=headers,
+                             ssl=ssl_context)
         self.ws = self._conn.__enter__()
         self.metadata = unpack(self.ws.recv(timeout=30))
 

@@ -162,12 +162,21 @@ def _pipelines_epilog() -> str:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from serving.router import ModelRouter
+    from serving.security import SecurityConfig, load_api_keys
     from serving.server import PolicyServer
 
+    security = SecurityConfig(api_keys=load_api_keys(file=args.api_keys_file), max_message_mb=args.max_message_mb,
+                              max_connections=args.max_connections, idle_timeout_s=args.idle_timeout_s,
+                              tls_cert=args.tls_cert, tls_key=args.tls_key)
+    security.ssl_context()  # a bad certificate is an error now, not at the first connection
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not security.api_keys:
+        logging.getLogger("serving").warning(
+            "serving on %s without API keys: anyone who reaches the port can query the policy (set %s or "
+            "--api-keys-file)", args.host, "B1K_API_KEYS")
     router = ModelRouter(args.model, memory_budget_bytes=int(args.memory_budget_gb * 2**30), device=args.device,
                          overrides=args.set or [])
     server = PolicyServer(router, host=args.host, port=args.port, batch_window_ms=args.batch_window_ms,
-                          max_batch=1 if args.no_batching else args.max_batch)
+                          max_batch=1 if args.no_batching else args.max_batch, security=security)
     server.serve_forever()
     return 0
 
@@ -318,6 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--memory-budget-gb", type=float, default=8.0,
                     help="resident models beyond this are unloaded, least recently used first")
     sv.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a serving setting (below)")
+    sec = sv.add_argument_group("security")
+    sec.add_argument("--api-keys-file", default=None, help="accepted API keys, one per line (also $B1K_API_KEYS, "
+                     "comma-separated, and $B1K_API_KEYS_FILE); clients send 'Authorization: Api-Key <key>'; "
+                     "/healthz stays open")
+    sec.add_argument("--tls-cert", default=None, help="PEM certificate (chain) for wss://")
+    sec.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    sec.add_argument("--max-message-mb", type=float, default=64.0,
+                     help="larger messages close the connection (1009); full-resolution observations are ~16 MB")
+    sec.add_argument("--max-connections", type=int, default=64, help="more get HTTP 503 before the upgrade")
+    sec.add_argument("--idle-timeout-s", type=float, default=1800.0,
+                     help="close a connection that sent nothing for this long (1001)")
     sv.set_defaults(func=_cmd_serve)
 
     add_k8s_parser(sub, _recipes_epilog() + " pipelines: " + _pipelines_epilog())
@@ -335,6 +355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from trainer import redact
+
+    redact.install()  # credentials never reach a log line, printed output or anything written
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

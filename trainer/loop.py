@@ -85,6 +85,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     "run_name": str, "tracking_dir": local dir for the default MLflow store}."""
     import ray.train
 
+    from trainer import redact
+
+    redact.install()  # this worker's logs and output: same protection as the driver's
     cfg: TrainConfig = loop_config["config"]
     data = loop_config["data"]
     ctx = ray.train.get_context()
@@ -127,7 +130,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                           activation_checkpointing=cfg.activation_checkpointing, ema_decay=cfg.optim.ema_decay,
                           micro_batch_size=cfg.micro_batch_size)
     groups = groups_holder["groups"]
-    config_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flatten(cfg).items()}
+    # Goes into checkpoints, config.json, the export and MLflow params: never with a credential in it.
+    config_dict = redact.REDACTOR.obj({k: (list(v) if isinstance(v, tuple) else v) for k, v in flatten(cfg).items()})
     faults = FaultInjector(cfg.fault, rank=rank, run_dir_url=loop_config["run_dir"], seed=cfg.seed)
     res = cfg.resilience
     manager = CheckpointManager(engine=engine, loader=loader, config_dict=config_dict, rank=rank, world_size=world,

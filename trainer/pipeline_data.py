@@ -23,6 +23,7 @@ from data_loaders.manifest import load_manifest
 from data_loaders.splits import episodes_by_task, holdout_episodes, write_view
 from trainer.data_prep import ensure_shards, prepare_data
 from trainer.pipeline_config import PipelineConfig
+from trainer.redact import REDACTOR
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ def write_json(url: str, obj: Any) -> None:
     fs, path = storage.resolve(url)
     if storage.is_local(fs):
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    storage.write_bytes_atomic(fs, path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
+    text = json.dumps(REDACTOR.obj(obj), indent=1, sort_keys=True, default=str)
+    storage.write_bytes_atomic(fs, path, (REDACTOR(text) + "\n").encode())
 
 
 def prepare_pipeline_data(cfg: PipelineConfig, root: str, out: Callable[[str], None]) -> PipelineData:

@@ -24,6 +24,7 @@ import subprocess
 from typing import Any, Callable
 
 from trainer.pipeline_config import PromotionConfig
+from trainer.redact import REDACTOR
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,8 @@ def register(mlflow_client, *, name: str, run_id: str, export_url: str, has_run_
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise
     source = f"runs:/{run_id}/export" if has_run_artifact else export_url
-    mv = mlflow_client.create_model_version(name, source=source, run_id=run_id, tags=tags, description=description)
+    mv = mlflow_client.create_model_version(name, source=source, run_id=run_id, tags=REDACTOR.obj(dict(tags)),
+                                            description=REDACTOR(description))
     mlflow_client.set_registered_model_alias(name, CHALLENGER, mv.version)
     log.info("registered %s version %s from %s (alias %s)", name, mv.version, source, CHALLENGER)
     return mv, True

@@ -52,6 +52,8 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
+from trainer.redact import REDACTOR
+
 log = logging.getLogger(__name__)
 
 MAX_PARAM_VALUE_CHARS = 6000  # MLflow rejects longer param values (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
@@ -280,7 +282,7 @@ class Tracker:
         those whose value changed.
         """
         self._check_started()
-        clean = {clean_key(k): _param_value(v) for k, v in flat.items()}
+        clean = {clean_key(k): REDACTOR(_param_value(v)) for k, v in flat.items()}
         with self._lock:
             self._pending_params.update(clean)
 
@@ -321,9 +323,10 @@ class Tracker:
         """Write `obj` as the run artifact `name`: YAML for .yaml/.yml, else JSON (non-JSON values via str)."""
         self._check_started()
         if name.endswith((".yaml", ".yml")):
-            self._upload(f"log {name}", lambda: self._client.log_dict(self._run_id, obj, name))
+            clean = REDACTOR.obj(obj)
+            self._upload(f"log {name}", lambda: self._client.log_dict(self._run_id, clean, name))
         else:
-            text = json.dumps(obj, indent=2, default=str)
+            text = REDACTOR(json.dumps(REDACTOR.obj(obj), indent=2, default=str))
             self._upload(f"log {name}", lambda: self._client.log_text(self._run_id, text, name))
 
     def flush(self) -> bool:
