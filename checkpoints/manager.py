@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from checkpoints.safe_load import load_torch_state
 from data_loaders import storage
 from data_loaders.stream_plan import merge_rank_states
 
@@ -39,13 +40,22 @@ TRAIN_STATE = "train_state.json"
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """torch, numpy and python RNG states as tensors and numbers only, so loading them needs no unpickling of
+    arbitrary objects (checkpoints/safe_load.py)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                       "gauss_next": gauss_next}}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n, p = state["numpy"], state["python"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate((p["version"], tuple(p["internal"].tolist()), p["gauss_next"]))
 
 
 def all_gather(obj: Any) -> list[Any]:
@@ -167,8 +177,7 @@ class CheckpointManager:
             self.engine.load(os.path.join(d, "engine"))
             rng_file = os.path.join(d, "rng", f"rank_{self.rank}.pt")
             if state["world_size"] == self.world_size and os.path.exists(rng_file):
-                # weights_only=False: numpy/python RNG states are plain tuples the safe loader refuses.
-                set_rng_state(torch.load(rng_file, weights_only=False))
+                set_rng_state(load_torch_state(rng_file))
             if data:
                 self.loader.load_state_dict(state["loader"])
         self.tracking_run_id = state.get("tracking_run_id")

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from checkpoints.safe_load import load_torch_state
+
 META_FILE = "parallel.json"
 DS_TAG = "zero"
 # ZeRO 1/2 checkpoints can only be converted to the universal format when saved with this client state.
@@ -146,7 +148,7 @@ def load_rank_ema(local_dir: str, shadow: dict[str, torch.Tensor], *,
     rank, world_size = dist.get_rank(), dist.get_world_size()
     saved_zero3 = meta.get("zero3_layout") is not None
     if meta["world_size"] == world_size and saved_zero3 == (zero3_layout is not None):
-        saved = torch.load(_ema_file(local_dir, rank), map_location="cpu")
+        saved = load_torch_state(_ema_file(local_dir, rank))
         for name, t in shadow.items():
             t.copy_(saved[name])
         return
@@ -162,7 +164,7 @@ def load_rank_ema(local_dir: str, shadow: dict[str, torch.Tensor], *,
 def _full_ema(local_dir: str, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     layout = meta.get("zero3_layout")
     if layout is None:
-        return torch.load(_ema_file(local_dir, 0), map_location="cpu")
-    parts = [torch.load(_ema_file(local_dir, r), map_location="cpu") for r in range(meta["world_size"])]
+        return load_torch_state(_ema_file(local_dir, 0))
+    parts = [load_torch_state(_ema_file(local_dir, r)) for r in range(meta["world_size"])]
     return {name: torch.cat([p[name] for p in parts])[:info["numel"]].reshape(info["shape"])
             for name, info in layout.items()}

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from tests.integration.conftest import free_port
+from tests.secret_scan import find, log_blobs, mlflow_blobs, planted, storage_blobs, with_password
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -25,8 +26,8 @@ def _ray_bin() -> str:
 
 @pytest.fixture
 def ray_head():
-    """A Ray head on 127.0.0.1 started by `ray start`; yields the dashboard (job API) address. Its processes are
-    found by their private temp dir and killed at the end, leaving other clusters on the machine alone."""
+    """A Ray head on 127.0.0.1 started by `ray start`; yields (dashboard (job API) address, temp dir). Its processes
+    are found by their private temp dir and killed at the end, leaving other clusters on the machine alone."""
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
     dash = free_port()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
@@ -41,7 +42,7 @@ def ray_head():
     started = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     try:
-        yield f"http://127.0.0.1:{dash}"
+        yield f"http://127.0.0.1:{dash}", temp_dir
     finally:
         procs = []
         for p in psutil.process_iter(["cmdline"]):
@@ -63,10 +64,14 @@ def test_ray_job_submit_runs_the_pipeline_and_registers(ray_head, s3_bucket, s3_
                                                         mlflow_server, tmp_path):
     from mlflow import MlflowClient
 
+    ray_head, ray_temp = ray_head
     store = f"{s3_bucket}/jobs"
+    # Secrets planted in the job's environment and in its tracking URI: none may leak (scanned at the end).
+    secrets = planted()
+    tracking = with_password(mlflow_server, secrets["LAB_DB_PASSWORD"])
     runtime_env = {"env_vars": {
-        "AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_TRACKING_URI": mlflow_server,
+        **secrets, "AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_TRACKING_URI": tracking,
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}}
     (tmp_path / "runtime_env.json").write_text(json.dumps(runtime_env))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -75,7 +80,8 @@ def test_ray_job_submit_runs_the_pipeline_and_registers(ray_head, s3_bucket, s3_
               "--runtime-env-json", json.dumps(runtime_env), "--entrypoint-num-cpus", "0", "--no-wait", "--",
               sys.executable, "-m", "trainer", "pipeline", "pi_behavior_debug_2stage", "--run-name", "job",
               "--storage", store, "--set", "train.num_steps=4", "--set", "finetune.num_steps=2",
-              "--set", "subsets=all:0,1,40", "--set", "eval.include_pretrain=false", "--set", "model_prefix=itest-job"]
+              "--set", "subsets=all:0,1,40", "--set", "eval.include_pretrain=false", "--set", "model_prefix=itest-job",
+              "--tracking-uri", tracking]
     # A fresh head's dashboard agent can take a while after `ray start` returns; the job API answers 500 "No
     # available agent" until then. A user retries, so does the test; any other error fails at once.
     deadline = time.monotonic() + 180
@@ -106,3 +112,16 @@ def test_ray_job_submit_runs_the_pipeline_and_registers(ray_head, s3_bucket, s3_
     mapping = json.loads(s3fs_client.cat(f"{store}/job/task_checkpoint_mapping.json"))
     assert mapping["checkpoints"]["all"]["tasks"] == [0, 1, 40]
     assert mapping["checkpoints"]["all"]["model_uri"] == "models:/itest-job-all/1"
+
+    # No planted secret anywhere: driver and worker output, every object in storage, MLflow params, tags,
+    # artifacts and model versions. Only the masked form of the tracking URI may appear.
+    run_ids = [r.info.run_id for r in client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "attributes.run_name LIKE 'job%'")]
+    assert len(run_ids) >= 2, run_ids  # the pipeline's own run and the stage's training run
+    blobs = {"job logs": logs.encode()}
+    blobs.update(log_blobs(ray_temp))
+    blobs.update(storage_blobs(s3fs_client, store))
+    blobs.update(mlflow_blobs(client, run_ids, ["itest-job-all"]))
+    assert any("worker-" in k for k in blobs) and any(k.endswith("export/model.safetensors") for k in blobs)
+    assert find(list(secrets.values()), blobs) == []
+    assert "b1k:***@127.0.0.1" in logs  # the pipeline prints its tracking URI: masked
