@@ -59,7 +59,7 @@ class FaultInjector:
         self.cfg, self.rank, self.run_dir_url = cfg, rank, run_dir_url
         self._nan_fired = 0
         # Salted with the pid: a restarted attempt must not replay the exact failures that ended the last one.
-        self._storage_rng = random.Random(f"{seed}-{rank}-{os.getpid()}-storage")
+        self._storage_rng = random.Random(f"{seed}-{rank}-{os.getpid()}-storage")  # noqa: S311 - test faults
 
     def before_step(self, step: int) -> None:
         """Call at the start of optimizer step `step` (1-based: the step about to be computed)."""

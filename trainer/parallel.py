@@ -62,7 +62,8 @@ NCCL_DEFAULTS = {
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",  # the watchdog aborts a timed-out collective and kills the process
     "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",  # flight recorder: the last 2000 collectives per rank...
     "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",  # ...dumped when a collective times out...
-    "TORCH_FR_DUMP_TEMP_FILE": "/tmp/b1k-nccl-trace-rank-",  # ...to this prefix + rank (read with torchfrtrace)
+    # ...to this prefix + rank (read with torchfrtrace); per-pod /tmp, so no other user shares it.
+    "TORCH_FR_DUMP_TEMP_FILE": "/tmp/b1k-nccl-trace-rank-",  # noqa: S108
 }
 
 

@@ -47,7 +47,9 @@ def git_commit() -> str:
         return os.environ["B1K_GIT_COMMIT"]
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        # Fixed argv; git from PATH on purpose (any install location), read-only command.
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"],  # noqa: S603, S607
+                             capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"

@@ -127,7 +127,7 @@ def test_serve_only_has_the_server_and_nothing_else():
     assert env["MLFLOW_TRACKING_URI"] == "https://mlflow.my-lab.internal"
     assert env["MLFLOW_TRACKING_TOKEN"] == {"secretKeyRef": {"name": "mlflow-token", "key": "token"}}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "ws"}, probe
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "ws", "scheme": "HTTP"}, probe
     assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] == 900
     assert server["spec"]["replicas"] == 3 and _by_kind(objs, "Service")["spec"]["type"] == "LoadBalancer"
     assert _by_kind(objs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
@@ -172,3 +172,37 @@ def test_notes_tell_how_to_follow_the_job_and_open_mlflow():
     assert "kubectl -n ml logs -f job/b1k-train-ray" in notes
     assert "kubectl -n ml port-forward svc/b1k-train-mlflow 5000:5000" in notes
     assert "--workers 8" in notes
+
+
+def test_policy_server_api_keys_tls_limits_and_network_policies():
+    objs = objects(render({"serving": {"apiKeysSecret": {"name": "policy-keys"}, "tlsSecret": "policy-tls",
+                                       "maxMessageMb": 32, "maxConnections": 8},
+                           "networkPolicy": {"enabled": True, "policyServerFrom": [
+                               {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "eval"}}}]}}))
+    server = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-policy"))
+    pod = server["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert {"--max-message-mb=32", "--max-connections=8", "--idle-timeout-s=1800",
+            "--tls-cert=/etc/b1k-train/tls/tls.crt", "--tls-key=/etc/b1k-train/tls/tls.key"} <= set(c["args"])
+    assert _env(c)["B1K_API_KEYS_FILE"] == "/etc/b1k-train/api-keys/keys"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["api-keys"]["secret"] == {"secretName": "policy-keys", "defaultMode": 0o400,
+                                             "items": [{"key": "api-keys", "path": "keys"}]}
+    assert volumes["tls"]["secret"]["secretName"] == "policy-tls"
+    assert all(m.get("readOnly") for m in c["volumeMounts"] if m["name"] in ("api-keys", "tls"))
+    assert c["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    policies = {o["metadata"]["name"]: o["spec"] for o in objs if o["kind"] == "NetworkPolicy"}
+    assert sorted(policies) == ["b1k-train-mlflow", "b1k-train-policy"]
+    (rule,) = policies["b1k-train-policy"]["ingress"]
+    assert rule["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "eval"}
+    assert rule["ports"] == [{"port": "ws", "protocol": "TCP"}]
+    (ml,) = policies["b1k-train-mlflow"]["ingress"]
+    assert ml["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "b1k-train"}}}]
+    assert all(validate_object(o) == [] for o in objs)
+    closed = objects(render({"networkPolicy": {"enabled": True}}))
+    assert next(o for o in closed if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].endswith("-policy"))[
+        "spec"]["ingress"] == []  # nobody listed: nobody gets in
+    # Training pods carry the release label MLflow's policy admits.
+    job = next(o for o in closed if o["kind"] == "RayJob")
+    head_labels = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert head_labels["app.kubernetes.io/instance"] == "b1k-train"
