@@ -42,13 +42,11 @@ def first_step_loss(run_dir: str) -> float:
     return [m.value for m in client.get_metric_history(state["tracking_run_id"], "loss") if m.step == 1][0]
 
 
-_first_losses: dict[str, float] = {}
-
-
-# ddp is the reference; fsdp goes through fit in the resume and export tests below, every strategy learns in
-# test_parallel: here the full path (Ray, loader, export, eval) for the replicated and the fully sharded extremes.
-@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
-def test_strategy_learns_and_agrees_on_the_first_step(prepared, tmp_path, strategy):
+# Every strategy learns and agrees on the first loss in test_parallel (engine level, all four); ddp and zero2
+# also go through fit in the tracking and fault tests. Here the full learning path (Ray, loader, export, held-out
+# eval) once, on the strategy the GPU recipes use: more strategies would add a minute each to the suite.
+@pytest.mark.parametrize("strategy", ["fsdp"])
+def test_fit_learns_beats_the_mean_baseline_and_exports(prepared, tmp_path, strategy):
     data, _ = prepared
     summary = fit(config(prepared, f"strategy={strategy}"), run_name=f"learn-{strategy}", storage_url=str(tmp_path),
                   num_workers=2)
@@ -59,10 +57,7 @@ def test_strategy_learns_and_agrees_on_the_first_step(prepared, tmp_path, strate
                                                           shards_per_group=2), norm_stats=norm))
     result = action_mse_vs_mean_baseline(model, batches)
     assert result["action_mse"] < result["baseline_mse"], result
-    _first_losses[strategy] = first_step_loss(run_dir)
-    if len(_first_losses) > 1:
-        ref = _first_losses["ddp"] if "ddp" in _first_losses else next(iter(_first_losses.values()))
-        assert _first_losses[strategy] == pytest.approx(ref, rel=1e-4), _first_losses
+    assert 0 < first_step_loss(run_dir) < 50  # tracked from step 1 on
 
 
 # Bitwise resume of every strategy's engine state is tested in test_parallel; this adds the whole fit path (Ray,

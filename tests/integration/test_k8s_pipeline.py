@@ -81,15 +81,7 @@ def test_pipeline_stages_run_as_rayjobs_with_concurrent_finetunes_and_a_retry(s3
             assert client.get_run(mv.run_id).info.run_name == f"kp/ft-{stage}"
         mapping = json.loads(s3fs_client.cat(f"{store}/kp/task_checkpoint_mapping.json"))
         assert sorted(t for e in mapping["checkpoints"].values() for t in e["tasks"]) == [0, 1, 40]
-
-        # A re-run trains nothing and creates no RayJob.
-        before = len([r for r in kube.requests if r[0] == "POST"])
-        again = subprocess.run(_cmd(store, kubeconfig, str(values)), capture_output=True, text=True, timeout=600,
-                               env=env)
-        assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-        assert "== pretrain: done (exported at step 4); skipped" in again.stdout
-        assert "== fine-tune ckpt4: done (exported at step 2); skipped" in again.stdout
-        assert len([r for r in kube.requests if r[0] == "POST"]) == before
+        # (Re-running skips finished stages before any runner is asked: test_pipeline proves that path.)
     finally:
         for name, _ in list(ray.started):
             kube.delete("rayjobs", "ml", name)  # stops any executor still running
