@@ -23,8 +23,14 @@ def with_password(url: str, password: str) -> str:
 
 
 def find(secrets: list[str], blobs: dict[str, bytes]) -> list[str]:
-    """'where: secret' for every planted secret found in any blob."""
-    return [f"{where}: {s}" for where, data in blobs.items() for s in secrets if s.encode() in data]
+    """'where: …context…' for every planted secret found in any blob (the context shows what printed it)."""
+    found = []
+    for where, data in blobs.items():
+        for s in secrets:
+            i = data.find(s.encode())
+            if i >= 0:
+                found.append(f"{where}: ...{data[max(0, i - 200):i + 60].decode(errors='replace')}...")
+    return found
 
 
 def storage_blobs(fs, prefix: str) -> dict[str, bytes]:
