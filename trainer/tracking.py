@@ -399,7 +399,8 @@ class Tracker:
             return False
         spec = self._spec
         try:
-            run = self._reopen(spec.resume_run_id) if spec.resume_run_id else None
+            run_id = spec.resume_run_id or self._run_of_run_dir()
+            run = self._reopen(run_id) if run_id else None
             resumed = run is not None
             if run is None:
                 run = self._client.create_run(self._experiment_id(), run_name=spec.run_name,
@@ -416,6 +417,17 @@ class Tracker:
         if spec.system_metrics:
             self._start_monitor(resumed=resumed)
         return True
+
+    def _run_of_run_dir(self) -> str | None:
+        """The MLflow run already tracking this run directory, if any. A run killed before its first checkpoint
+        has no run id in storage to resume from; its MLflow run (and the steps it logged, which the deterministic
+        replay reproduces) is continued instead of leaving an orphan next to a second run."""
+        if not self._spec.run_dir_uri:
+            return None
+        uri = self._spec.run_dir_uri.replace("'", "\\'")
+        found = self._client.search_runs([self._experiment_id()], filter_string=f"tags.`{_TAG_RUN_DIR}` = '{uri}'",
+                                         max_results=1, order_by=["attributes.start_time DESC"])
+        return found[0].info.run_id if found else None
 
     def _reopen(self, run_id: str) -> Any:
         from mlflow.exceptions import MlflowException

@@ -29,6 +29,7 @@ def ray_head():
     """A Ray head on 127.0.0.1 started by `ray start`; yields (dashboard (job API) address, temp dir). Its processes
     are found by their private temp dir and killed at the end, leaving other clusters on the machine alone."""
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
+    before = {p.pid for p in psutil.process_iter()}
     dash = free_port()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
     cmd = [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
@@ -44,10 +45,16 @@ def ray_head():
     try:
         yield f"http://127.0.0.1:{dash}", temp_dir
     finally:
+        # The head's processes name the temp dir; its workers rename themselves ("ray::IDLE") and the job driver
+        # does not, so they are found as Ray processes new since the fixture started. Left alive, orphaned workers
+        # spin reconnecting to the dead GCS and slow every later test down.
         procs = []
-        for p in psutil.process_iter(["cmdline"]):
+        for p in psutil.process_iter(["cmdline", "name"]):
             try:
-                if any(temp_dir in part for part in p.info["cmdline"] or []):
+                cmd = " ".join(p.info["cmdline"] or [])
+                ray_like = (p.info["name"] or "").startswith(("ray::", "raylet", "gcs_server")) or "ray::" in cmd \
+                    or "-m trainer pipeline" in cmd
+                if temp_dir in cmd or (p.pid not in before and ray_like):
                     procs.append(p)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass

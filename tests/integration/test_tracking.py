@@ -149,6 +149,28 @@ def test_resume_appends_to_the_same_run(mlflow_server, caplog):
     assert other != "0" * 32 and client.get_run(other).info.status == "FINISHED"
 
 
+def test_run_killed_before_its_first_checkpoint_continues_its_mlflow_run(mlflow_server):
+    """No checkpoint holds the run id yet, so the restart finds the run by its run directory instead of leaving an
+    orphan run next to a second one (the pipeline's killed fine-tunes)."""
+    client = MlflowClient(mlflow_server)
+    common = dict(run_dir_uri="s3://bucket/runs/early-kill", experiment="t-early", run_name="early",
+                  tracking_uri=mlflow_server, system_metrics=False)
+    first = Tracker(flush_interval_s=0.2)
+    run_id = first.start(resume_run_id=None, **common)
+    first.log_metrics({"loss": 3.0}, step=1)
+    first.end("KILLED")
+    again = Tracker(flush_interval_s=0.2)
+    assert again.start(resume_run_id=None, **common) == run_id
+    again.log_metrics({"loss": 3.0}, step=1)  # the deterministic replay from step 0
+    again.log_metrics({"loss": 2.0}, step=2)
+    again.end()
+    assert _history(client, run_id, "loss") == [(1, 3.0), (2, 2.0)]
+    assert len(client.search_runs([client.get_experiment_by_name("t-early").experiment_id])) == 1
+    other = Tracker()
+    assert other.start(resume_run_id=None, **{**common, "run_dir_uri": "s3://bucket/runs/another"}) != run_id
+    other.end()
+
+
 def test_default_local_sqlite_store(tmp_path):
     run_dir = tmp_path / "run"
     tracker = Tracker(flush_interval_s=0.2)
