@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
 
-import psutil
-
 from tests.fake_kube.apiserver import FakeKube
+from tests.processes import kill_process_tree
 
 
 @dataclasses.dataclass
@@ -175,7 +173,7 @@ class FakeKubeRay:
         reader.start()
         while proc.poll() is None:
             if (why := self._interrupted(ns, name)) is not None:
-                _kill_tree(proc)
+                kill_process_tree(proc)
                 return why
             time.sleep(0.2)
         reader.join(timeout=10)
@@ -201,20 +199,3 @@ class FakeKubeRay:
             "observedGeneration": gen, "replicas": replicas, "updatedReplicas": replicas,
             "availableReplicas": replicas, "readyReplicas": replicas, "unavailableReplicas": None})
 
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the entrypoint and everything it started (its local Ray cluster runs in other sessions)."""
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    for child in tree:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()

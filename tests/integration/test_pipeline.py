@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from safetensors.torch import save_file
 
 from checkpoints.export import MODEL_FILE, load_exported
 from checkpoints.retention import committed_checkpoints
+from tests.processes import kill_process_tree
 from trainer.evaluate import evaluate_export
 from trainer.registry import eval_tags, git_commit, register
 
@@ -78,14 +78,7 @@ def test_pipeline_killed_resumed_rerun_registered_and_promoted(s3_bucket, s3fs_c
         time.sleep(0.3)
     # Everything the pipeline started dies at once: the driver's process group, and the local Ray cluster, whose
     # raylet and workers run in their own sessions (killing the group alone lets a worker finish its fine-tune).
-    tree = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for child in tree:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()
+    kill_process_tree(proc)
     log1.close()
     first = (tmp_path / "first.log").read_text()
     assert committed, f"no fine-tune checkpoint appeared before the pipeline ended:\n{first[-3000:]}"

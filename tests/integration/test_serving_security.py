@@ -41,6 +41,12 @@ def _start(artifacts, **security) -> PolicyServer:
     return srv
 
 
+def _wait_until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _status(url: str, headers: dict | None = None) -> int:
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5) as r:
@@ -110,9 +116,7 @@ def test_connection_cap_answers_503_before_the_upgrade_and_frees_slots(artifacts
         assert e.value.response.status_code == 503
         assert b"too many connections (2 open, --max-connections 2)" in e.value.response.body
         a.close()
-        deadline = time.monotonic() + 10
-        while srv.connections >= 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_until(lambda: srv.connections < 2)
         c = EvaluatorClient("127.0.0.1", srv.port)
         assert c.act(observation(0)).shape == (23,) and b.act(observation(1)).shape == (23,)
         b.close()
@@ -131,9 +135,7 @@ def test_idle_connection_is_told_and_closed(artifacts):
         with pytest.raises(ConnectionClosed) as e:
             client.ws.recv(timeout=10)
         assert e.value.rcvd.code == 1001
-        deadline = time.monotonic() + 10
-        while srv.connections and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_until(lambda: srv.connections == 0)
         assert srv.connections == 0  # the closed connection's slot (and memory) are released
     finally:
         srv.stop()
