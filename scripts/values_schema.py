@@ -112,6 +112,10 @@ schema = {
         "externalUri": s("string", "Tracking URI of your server when enabled=false",
                          pattern="^((https?|databricks)://?[^\\s]*)?$"),
         "tokenSecret": secret_ref("Secret with MLFLOW_TRACKING_TOKEN", "token"),
+        "credentialsSecret": obj("Secret with the MLflow user and password (MLFLOW_TRACKING_USERNAME/PASSWORD)", {
+            "name": s("string", "Secret name; empty for none", pattern="^([a-z0-9]([-.a-z0-9]*[a-z0-9])?)?$"),
+            "usernameKey": s("string", "Key of the user name", minLength=1),
+            "passwordKey": s("string", "Key of the password", minLength=1)}),
         "port": {"type": "integer", "minimum": 1, "maximum": 65535},
         "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
         "artifactsDestination": s("string", "Where the server stores artifacts", pattern="^[a-z0-9]+://[^\\s]+$"),

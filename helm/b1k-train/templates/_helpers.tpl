@@ -79,6 +79,18 @@ http://{{ include "b1k.mlflowName" . }}.{{ .Release.Namespace }}.svc:{{ .Values.
       name: {{ . }}
       key: {{ $.Values.mlflow.tokenSecret.key }}
 {{- end }}
+{{- with .Values.mlflow.credentialsSecret.name }}
+- name: MLFLOW_TRACKING_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.mlflow.credentialsSecret.usernameKey }}
+- name: MLFLOW_TRACKING_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.mlflow.credentialsSecret.passwordKey }}
+{{- end }}
 - name: AWS_REGION
   value: {{ .Values.storage.s3.region | quote }}
 - name: AWS_DEFAULT_REGION
