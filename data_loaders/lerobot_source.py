@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data_loaders import storage, video_decode
+from data_loaders import meta_fields, storage, video_decode
 from data_loaders.behavior_facts import ACTION_DIM, CAMERAS, NUM_TASKS, PROPRIO_DIM, RGB_VIDEO_KEYS, proprio_to_state
 from data_loaders.episode import DatasetError, Episode, EpisodeRef, SkillSegment
 
@@ -51,16 +51,18 @@ class LeRobotSource:
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
         self._fs, self._root = storage.resolve(self.url)
-        self.info: dict[str, Any] = self._read_json("meta/info.json", hint=(
+        info = self._read_json("meta/info.json", hint=(
             f"{self.url} is not a LeRobot dataset root; point the URL at the directory that contains meta/"))
+        if isinstance(info, dict):
+            for key in ("fps", "data_path", "features"):  # a missing field is its own, clearer message
+                if key not in info:
+                    raise DatasetError(f"{self._u('meta/info.json')} lacks {key!r}; regenerate info.json")
+        self.info: dict[str, Any] = meta_fields.check_info(info, self._u("meta/info.json"))
         version = self.info.get("codebase_version")
         if version not in SUPPORTED_VERSIONS:
             raise DatasetError(
                 f"{self._u('meta/info.json')}: codebase_version {version!r} is not supported; supported versions are "
                 f"{', '.join(SUPPORTED_VERSIONS)} (convert older datasets with LeRobot's conversion scripts)")
-        for key in ("fps", "data_path", "features"):
-            if key not in self.info:
-                raise DatasetError(f"{self._u('meta/info.json')} lacks {key!r}; regenerate info.json")
         if version == "v3.0":
             self.layout = "lerobot-v3.0"
         elif "annotation_path" in self.info or "/task-" in self.info["data_path"]:
@@ -68,7 +70,7 @@ class LeRobotSource:
         else:
             self.layout = "lerobot-v2.1"
         self.fps = float(self.info["fps"])
-        self._chunks_size = int(self.info.get("chunks_size", 1000))
+        self._chunks_size = int(self.info.get("chunks_size") or 1000)
         self._episodes: dict[int, _EpisodeMeta] | None = None
         self._tasks: dict[int, str] | None = None
 
@@ -85,17 +87,27 @@ class LeRobotSource:
             raise missing(f"{self._u(rel)} does not exist; {hint}") from e
 
     def _read_json(self, rel: str, *, hint: str, missing: type[DatasetError] = DatasetError) -> Any:
+        data = self._read_bytes(rel, hint=hint, missing=missing)
         try:
-            return json.loads(self._read_bytes(rel, hint=hint, missing=missing))
-        except json.JSONDecodeError as e:
+            return json.loads(data)
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
             raise DatasetError(f"{self._u(rel)} is not valid JSON ({e}); re-download or regenerate it") from e
 
-    def _read_jsonl(self, rel: str, *, hint: str) -> list[dict[str, Any]]:
-        lines = self._read_bytes(rel, hint=hint).decode().splitlines()
-        try:
-            return [json.loads(line) for line in lines if line.strip()]
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{self._u(rel)} has a malformed line ({e}); regenerate it") from e
+    def _read_jsonl(self, rel: str, *, hint: str) -> list[tuple[str, dict[str, Any]]]:
+        """(where, object) per non-blank line; `where` names the file and line for error messages."""
+        out = []
+        for n, line in enumerate(self._read_bytes(rel, hint=hint).splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{self._u(rel)} line {n}"
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise DatasetError(f"{where} is not valid JSON ({e}); regenerate the file") from e
+            if not isinstance(row, dict):
+                raise DatasetError(f"{where} holds {type(row).__name__}, expected a JSON object; regenerate the file")
+            out.append((where, row))
+        return out
 
     @contextlib.contextmanager
     def _parquet(self, rel: str) -> Iterator[pq.ParquetFile]:
@@ -131,12 +143,15 @@ class LeRobotSource:
                 if text_col is None or "task_index" not in table.column_names:
                     raise DatasetError(f"{self._u(rel)} needs a task_index column and the task text (column or "
                                        "pandas index); regenerate it with LeRobot v3.0")
-                rows = zip(table.column("task_index").to_pylist(), table.column(text_col).to_pylist())
+                rows = [(f"{self._u(rel)} row {n}", {"task_index": i, "task": t}) for n, (i, t) in enumerate(
+                    zip(table.column("task_index").to_pylist(), table.column(text_col).to_pylist()))]
             else:
                 rel = "meta/tasks.jsonl"
-                lines = self._read_jsonl(rel, hint="every LeRobot v2.1 dataset needs meta/tasks.jsonl")
-                rows = ((r["task_index"], r["task"]) for r in lines)
-            self._tasks = {self._check_task(int(i), self._u(rel)): str(t) for i, t in rows}
+                rows = self._read_jsonl(rel, hint="every LeRobot v2.1 dataset needs meta/tasks.jsonl")
+            fix = "each task entry needs an integer task_index and the task text"
+            self._tasks = {
+                self._check_task(meta_fields.get_int(r, "task_index", where, fix=fix), where):
+                    meta_fields.get_str(r, "task", where, fix=fix) for where, r in rows}
         return dict(self._tasks)
 
     def _task_of(self, ep: int, tasks: list[str], rel: str, by_text: dict[str, int]) -> int:
@@ -159,28 +174,28 @@ class LeRobotSource:
         return self._episodes
 
     def _parse_meta_rows(
-        self, rows: list[dict[str, Any]], rel: str, by_text: dict[str, int],
+        self, rows: list[tuple[str, dict[str, Any]]], rel: str, by_text: dict[str, int],
     ) -> dict[int, _EpisodeMeta]:
-        """Episode entries of meta/episodes.jsonl (v2.1) or one meta/episodes parquet file (v3.0)."""
+        """Episode entries (where, row) of meta/episodes.jsonl (v2.1) or one meta/episodes parquet file (v3.0)."""
+        fix = "regenerate the episodes meta"
+        get_int, get_number = meta_fields.get_int, meta_fields.get_number
         out = {}
-        try:
-            for row in rows:
-                ep = int(row["episode_index"])
-                task = self._check_task(self._task_of(ep, list(row.get("tasks") or []), rel, by_text), self._u(rel))
-                videos = {}
-                for key in RGB_VIDEO_KEYS.values():  # v3.0: where each camera's frames sit in a shared mp4
-                    p = f"videos/{key}/"
-                    if p + "chunk_index" in row:
-                        videos[key] = (int(row[p + "chunk_index"]), int(row[p + "file_index"]),
-                                       float(row[p + "from_timestamp"]), float(row[p + "to_timestamp"]))
-                v3 = self.layout == "lerobot-v3.0"
-                data = (int(row["data/chunk_index"]), int(row["data/file_index"])) if v3 else (0, 0)
-                out[ep] = _EpisodeMeta(EpisodeRef(ep, task, int(row["length"])), data, videos)
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, DatasetError):
-                raise
-            raise DatasetError(f"{self._u(rel)}: malformed episode entry ({type(e).__name__}: {e}); regenerate the "
-                               "episodes meta") from e
+        for where, row in rows:
+            ep = get_int(row, "episode_index", where, fix=fix)
+            tasks = meta_fields.get_str_list(row, "tasks", where, fix=fix)
+            task = self._check_task(self._task_of(ep, tasks, rel, by_text), where)
+            videos = {}
+            for key in RGB_VIDEO_KEYS.values():  # v3.0: where each camera's frames sit in a shared mp4
+                p = f"videos/{key}/"
+                if p + "chunk_index" in row:
+                    videos[key] = (get_int(row, p + "chunk_index", where, fix=fix),
+                                   get_int(row, p + "file_index", where, fix=fix),
+                                   get_number(row, p + "from_timestamp", where, fix=fix),
+                                   get_number(row, p + "to_timestamp", where, fix=fix))
+            v3 = self.layout == "lerobot-v3.0"
+            data = (get_int(row, "data/chunk_index", where, fix=fix),
+                    get_int(row, "data/file_index", where, fix=fix)) if v3 else (0, 0)
+            out[ep] = _EpisodeMeta(EpisodeRef(ep, task, get_int(row, "length", where, fix=fix)), data, videos)
         return out
 
     def _load_v3_meta(self, by_text: dict[str, int]) -> dict[int, _EpisodeMeta]:
@@ -193,7 +208,8 @@ class LeRobotSource:
             rel = posixpath.relpath(path, self._root)
             with self._parquet(rel) as pf:
                 rows = pf.read(columns=[c for c in pf.schema_arrow.names if not c.startswith("stats/")]).to_pylist()
-            out.update(self._parse_meta_rows(rows, rel, by_text))
+            out.update(self._parse_meta_rows([(f"{self._u(rel)} row {n}", r) for n, r in enumerate(rows)], rel,
+                                             by_text))
         return out
 
     def episodes(self) -> list[EpisodeRef]:
@@ -228,6 +244,7 @@ class LeRobotSource:
                 raise DatasetError(f"parquet {self._u(rel)} lacks required column {col!r} (has {names}); "
                                    "re-export the episode with proprio, action and timestamp")
         cols = [c for c in (*_WIDTHS, "timestamp", "task_index", "frame_index", "episode_index") if c in names]
+        self._check_column_types(pf.schema_arrow, cols, rel)
         if self.layout != "lerobot-v3.0":
             return pf.read(columns=cols)
         # Multi-episode file: read only the row groups whose episode_index statistics can contain `ep`.
@@ -240,10 +257,25 @@ class LeRobotSource:
         table = pf.read_row_groups(groups, columns=cols)
         return table.filter(pc.equal(table.column("episode_index"), ep))
 
+    def _check_column_types(self, schema: pa.Schema, cols: list[str], rel: str) -> None:
+        """Scalar columns must be numbers (timestamp: float or int, possibly as a 1-element list; indices: int)."""
+        for name in cols:
+            if name in _WIDTHS:
+                continue  # checked with their widths by _fixed_width
+            t = schema.field(name).type
+            if name == "timestamp" and (pa.types.is_list(t) or pa.types.is_fixed_size_list(t)):
+                t = t.value_type
+            ok = pa.types.is_integer(t) or (name == "timestamp" and pa.types.is_floating(t))
+            if not ok:
+                expected = "float or integer seconds" if name == "timestamp" else "integers"
+                raise DatasetError(f"parquet {self._u(rel)}: column {name!r} has type {t}, expected {expected}; "
+                                   "re-export the episode")
+
     def _fixed_width(self, table: pa.Table, name: str, rel: str) -> np.ndarray:
         width = _WIDTHS[name]
         col = table.column(name).combine_chunks()
-        if not any(f(col.type) for f in (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)):
+        is_list = any(f(col.type) for f in (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list))
+        if not is_list or not (pa.types.is_floating(col.type.value_type) or pa.types.is_integer(col.type.value_type)):
             raise DatasetError(f"parquet {self._u(rel)}: column {name!r} has type {col.type}, expected a list of "
                                f"{width} floats per row")
         lengths = pc.list_value_length(col)
