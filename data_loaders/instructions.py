@@ -11,9 +11,28 @@ skill the instruction is the task sentence alone (what the server sends before t
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
-from data_loaders.behavior_facts import SKILL_PHRASES, TASK_NAMES
+import numpy as np
+
+from data_loaders.behavior_facts import SKILL_INDEX, SKILLS, TASK_NAMES
+
+# --- The X-VLA skill table -------------------------------------------------------------------------------------
+# 34 rows, as the seed's checkpoints have (skill_prompt_hub [34, ...], a 34-way classifier): the skill registry of
+# xvla.md §3.3, row = rank of the raw BEHAVIOR skill id. The 2025 data annotates the 31 skills of
+# behavior_facts.SKILLS, whose dense index SKILL_INDEX is the same ranking, so those are rows 0..30 and data
+# labels need no remapping; rows 31..33 (raw 100-102) never occur in it. Rows a dataset never uses are reported by
+# `b1k-train data stats` and masked out of the classifier's loss and argmax (XVLA.set_skill_rows_used).
+XVLA_SKILLS: tuple[tuple[int, str], ...] = (
+    *((sid, phrase) for sid, phrase, _ in SKILLS),
+    (100, "push tray"), (101, "pull tray"), (102, "sweep off"),
+)
+NUM_XVLA_SKILLS = len(XVLA_SKILLS)
+XVLA_SKILL_ROW: dict[int, int] = {sid: row for row, (sid, _) in enumerate(XVLA_SKILLS)}  # raw id -> row
+_PHRASES: dict[int, str] = dict(XVLA_SKILLS)
+if NUM_XVLA_SKILLS != 34 or any(XVLA_SKILL_ROW[sid] != row for sid, row in SKILL_INDEX.items()) \
+        or [sid for sid, _ in XVLA_SKILLS] != sorted(XVLA_SKILL_ROW):
+    raise AssertionError("XVLA_SKILLS must be the 34 raw ids in ascending order, extending SKILL_INDEX")
 
 # {i} = the i-th object of the annotation; a template needing more objects than given drops the missing ones.
 SKILL_TEMPLATES: dict[str, str] = {
@@ -60,7 +79,7 @@ def task_sentence(task: int, instructions: dict[int, str] | None = None) -> str:
 
 def skill_phrase(skill_id: int, objects: Sequence[str]) -> str:
     """"pick up radio from coffee table" for skill 2 with its two objects; '' for an unknown skill."""
-    phrase = SKILL_PHRASES.get(skill_id, "")
+    phrase = _PHRASES.get(skill_id, "")
     if not phrase:
         return ""
     names = [clean_object_name(o) for o in objects]
@@ -83,3 +102,45 @@ def enriched_instruction(task: int, skill_id: int, objects: Sequence[str],
     sentence = task_sentence(task, instructions)
     phrase = skill_phrase(skill_id, objects) if skill_id >= 0 else ""
     return f"{sentence} Current: {phrase}." if phrase else sentence
+
+
+def skill_rows_used(counts: Sequence[int], num_rows: int = NUM_XVLA_SKILLS) -> np.ndarray:
+    """(num_rows,) bool: the skill-table rows with at least one labelled frame (`counts`: frames per row, as the
+    stats step counts them; rows past its end were never seen)."""
+    used = np.zeros(num_rows, bool)
+    counts = np.asarray(counts)[:num_rows]
+    used[: len(counts)] = counts > 0
+    return used
+
+
+def unused_skill_rows(counts: Sequence[int]) -> list[str]:
+    """"row 31 (raw 100 push tray)" for every row of the 34 the data never labels."""
+    used = skill_rows_used(counts)
+    return [f"row {row} (raw {sid} {phrase})" for row, (sid, phrase) in enumerate(XVLA_SKILLS) if not used[row]]
+
+
+SKILL_SEPARATOR = " Current: "
+
+
+def instruction_ids(tokenizer: Any, sentence: str, phrase: str, max_len: int) -> list[int]:
+    """BART ids of "<sentence> Current: <phrase>." (or the sentence alone for an empty phrase), padded to
+    `max_len`. When the text is longer, the task sentence loses its last tokens and the skill phrase stays whole;
+    ValueError when even "<s> Current: <phrase>. </s>" does not fit."""
+    text = f"{sentence}{SKILL_SEPARATOR}{phrase}." if phrase else sentence
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if len(ids) > max_len and phrase:
+        head = tokenizer(sentence, add_special_tokens=False)["input_ids"]
+        tail = tokenizer(f"{SKILL_SEPARATOR}{phrase}.", add_special_tokens=False)["input_ids"]
+        room = max_len - 2 - len(tail)
+        if room < 0:
+            raise ValueError(f"the skill phrase {phrase!r} needs {len(tail) + 2} tokens; max_text_len is {max_len}")
+        ids = [tokenizer.bos_token_id, *head[:room], *tail, tokenizer.eos_token_id]
+    ids = ids[:max_len]  # a task sentence alone is truncated like X-VLA's processor does
+    return ids + [tokenizer.pad_token_id] * (max_len - len(ids))
+
+
+def required_text_len(tokenizer: Any, sentences: Sequence[str], phrases: Sequence[str]) -> int:
+    """Tokens the longest "<sentence> Current: <phrase>." needs with <s> and </s> (nothing shortened)."""
+    longest_phrase = max(phrases, key=lambda p: len(tokenizer(f"{SKILL_SEPARATOR}{p}.",
+                                                              add_special_tokens=False)["input_ids"]))
+    return max(len(tokenizer(f"{s}{SKILL_SEPARATOR}{longest_phrase}.")["input_ids"]) for s in sentences)

@@ -342,4 +342,11 @@ def compute_norm_stats(shards_url: str, *, out: str | None = None, sample_fracti
     stats.save(out)
     logger.info("norm stats of %d frames, %d/%d chunks (jitter %g) -> %s", stats.num_frames, stats.num_chunks,
                 stats.num_full_chunks, stats.correlation_jitter, out)
+    if stats.skill_counts is not None:
+        from data_loaders.instructions import unused_skill_rows
+
+        # X-VLA: these rows of the 34-row skill table are masked out of the classifier (family_xvla init).
+        unused = unused_skill_rows(stats.skill_counts)
+        logger.info("X-VLA skill rows this data never labels (%d of 34, masked out of the skill classifier): %s",
+                    len(unused), ", ".join(unused) or "none")
     return out

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from data_loaders.augment import AugmentConfig
-from data_loaders.instructions import enriched_instruction, task_sentence
+from data_loaders.instructions import XVLA_SKILL_ROW, instruction_ids, skill_phrase, task_sentence
 from data_loaders.transforms import SampleTransform
 
 
@@ -31,23 +31,30 @@ class XVLASampleTransform:
         if not 0.0 <= self.enriched_fraction <= 1.0:
             raise ValueError(f"enriched_fraction must be in [0, 1], got {self.enriched_fraction}")
 
-    def text(self, sample: dict[str, Any], rng: np.random.Generator | None) -> str:
+    def parts(self, sample: dict[str, Any], rng: np.random.Generator | None) -> tuple[str, str]:
+        """(task sentence, skill phrase); the phrase is '' for a task-only instruction or an unknown skill."""
         meta = sample["meta"]
         task = int(meta["task"])
         draw = rng.random() if rng is not None else 0.0
-        if draw < self.enriched_fraction:
-            return enriched_instruction(task, int(meta.get("skill_id", -1)), meta.get("skill_objects", []),
-                                        self.instructions)
-        return task_sentence(task, self.instructions)
+        sentence = task_sentence(task, self.instructions)
+        skill = int(meta.get("skill_id", -1))
+        if draw < self.enriched_fraction and skill >= 0:
+            return sentence, skill_phrase(skill, meta.get("skill_objects", []))
+        return sentence, ""
+
+    def text(self, sample: dict[str, Any], rng: np.random.Generator | None) -> str:
+        sentence, phrase = self.parts(sample, rng)
+        return f"{sentence} Current: {phrase}." if phrase else sentence
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
-        from models.xvla.tokenizer import encode
-
         base = SampleTransform(normalizer=None, augment=self.augment)(sample, rng)
-        ids = encode(self.tokenizer, [self.text(sample, rng)], self.max_text_len)[0]
+        ids = instruction_ids(self.tokenizer, *self.parts(sample, rng), self.max_text_len)
+        meta = sample["meta"]
+        # Row of the X-VLA skill table (instructions.XVLA_SKILLS), -1 outside an annotated skill.
+        skill = XVLA_SKILL_ROW.get(int(meta.get("skill_id", -1)), -1) if meta.get("skill_valid") else -1
         return {
             "images": base["images"], "proprio": base["state"], "actions": base["actions"],
             "action_mask": base["action_mask"], "task": base["task"], "stage": base["stage"],
-            "skill": base["skill"], "input_ids": np.asarray(ids, dtype=np.int64),
+            "skill": np.int64(skill), "input_ids": np.asarray(ids, dtype=np.int64),
             "episode": base["episode"], "frame": base["frame"],
         }

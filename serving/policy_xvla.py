@@ -40,11 +40,20 @@ class XVLAServingPolicy:
 
     @classmethod
     def load(cls, local_dir: str, cfg: ServingConfig, *, name: str, device: str = "cpu") -> XVLAServingPolicy:
-        from data_loaders.norm_stats import NormStats
-        from models.xvla.checkpoint import load_checkpoint
-        from models.xvla.tokenizer import load_tokenizer
+        import dataclasses
 
+        from data_loaders.norm_stats import NormStats
+        from models.xvla.checkpoint import load_checkpoint, localize
+        from models.xvla.tokenizer import load_tokenizer
+        from serving.config import SERVING_FILE
+
+        local_dir = localize(local_dir)  # s3:// -> a local copy of the files
         model, state = load_checkpoint(local_dir, device=device)
+        if not os.path.exists(os.path.join(local_dir, SERVING_FILE)) and (cfg.inpainting or cfg.stage_voting):
+            # An X-VLA directory that is no export of ours (LeRobot's, X-VLA's published): serving defaults are
+            # pi-behavior's, and X-VLA has neither inpainting nor a stage head.
+            log.info("%s: no %s; inpainting and stage voting off for X-VLA", local_dir, SERVING_FILE)
+            cfg = dataclasses.replace(cfg, inpainting=False, stage_voting=False)
         instructions: dict[int, str] = {}
         path = os.path.join(local_dir, INSTRUCTIONS_FILE)
         if os.path.exists(path):

@@ -80,6 +80,9 @@ class TrainConfig:
     # "" (random) | "export:<artifact url>" (a b1k-train export of the same family) | pi-behavior:
     # "paligemma:<dir>", "pi05:<model.safetensors>" | X-VLA: "xvla:<dir>" (X-VLA-Pt or an X-VLA checkpoint dir)
     init_from: str = ""
+    # X-VLA init_from: prompt/classifier modules that may start fresh when the checkpoint lacks them or their shape
+    # differs (e.g. "skill_classifier,skill_prompt_hub"; "*" = any); without it such a checkpoint fails to load.
+    allow_reinit: tuple[str, ...] = ()
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     strategy: str = "fsdp"  # ddp | fsdp | zero1 | zero2 | zero3

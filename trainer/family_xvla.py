@@ -34,11 +34,13 @@ def build_model_fn(cfg: TrainConfig):
 
 
 def tokenizer_dir(cfg: TrainConfig) -> str | None:
-    """Where the BART tokenizer comes from: the init checkpoint (X-VLA-Pt ships it), else none (byte-level)."""
+    """Where the BART tokenizer comes from: the init checkpoint (X-VLA-Pt ships it; an s3:// one is copied
+    locally once), else none (byte-level)."""
+    from models.xvla.checkpoint import localize
+
     kind, _, path = cfg.init_from.partition(":")
     if kind in ("xvla", "export") and path and not path.startswith("models:/"):
-        fs, local = storage.resolve(path)
-        return local if storage.is_local(fs) else None
+        return localize(path)
     return None
 
 
@@ -62,33 +64,55 @@ def make_init_fn(cfg: TrainConfig, norm: NormStats, device: torch.device):
         model.init_weights()
         kind, _, path = cfg.init_from.partition(":")
         if kind == "xvla":
-            from models.xvla.weights import load_xvla_pretrained
+            from models.xvla.checkpoint import localize
+            from models.xvla.weights import detect_layout, load_xvla_pretrained
 
-            report = load_xvla_pretrained(model, path)
-            log.info("initialised from %s: %s", cfg.init_from, report.summary())
+            local = localize(path)
+            layout, doc = detect_layout(local)  # one line naming the expected files for anything else
+            variant = True if "num_tasks" in doc or "num_skills" in doc or layout == "b1k-train" else None
+            report = load_xvla_pretrained(model, local, allow_reinit=cfg.allow_reinit, variant_file=variant)
+            log.info("initialised from %s (%s layout): %s\n%s", cfg.init_from, layout, report.summary(),
+                     report.format())
         elif kind == "export":
             from checkpoints.model_uri import resolve_model_url
             from trainer.loop import read_safetensors
             from trainer.parallel import load_full_state_dict
 
             path = resolve_model_url(path)
-            load_full_state_dict(model, read_safetensors(storage.join(path, "model.safetensors")))
+            tensors = read_safetensors(storage.join(path, "model.safetensors"))
+            tensors.setdefault("skill_row_mask", torch.ones(model.cfg.num_skills))  # exports from before it
+            load_full_state_dict(model, tensors)
             log.info("initialised from the export %s", path)
         try:
             weights = norm.skill_class_weights(model.cfg.num_skills)
             model.set_skill_class_weights(torch.tensor(weights, dtype=torch.float32))
         except ValueError as e:
             log.warning("skill cross-entropy unweighted: %s", e)
+        if norm.skill_counts is not None and norm.skill_counts.any():
+            from data_loaders.instructions import skill_rows_used
+
+            # Rows this data never labels cannot be predicted (nor pull probability in the cross-entropy).
+            model.set_skill_rows_used(torch.from_numpy(skill_rows_used(norm.skill_counts, model.cfg.num_skills)))
     return init
 
 
 def make_loader(cfg: TrainConfig, data, rank: int, world: int) -> StreamLoader:
     from data_loaders.augment import AugmentConfig
+    from data_loaders.instructions import (
+        SKILL_TEMPLATES,
+        required_text_len,
+        task_sentence,
+    )
     from data_loaders.manifest import load_manifest
 
     model_cfg = model_config(cfg)
-    transform = XVLASampleTransform(tokenizer=load_tokenizer(cfg), max_text_len=model_cfg.max_text_len,
-                                    instructions=load_manifest(data.shards).tasks,
+    tokenizer, tasks = load_tokenizer(cfg), load_manifest(data.shards).tasks
+    need = required_text_len(tokenizer, [task_sentence(t, tasks) for t in sorted(tasks)] or ["x"],
+                             [t.format(*["coffee table"] * 3) for t in SKILL_TEMPLATES.values()])
+    if need > model_cfg.max_text_len and rank == 0:
+        log.warning("the longest enriched instruction needs %d tokens, max_text_len is %d: long task sentences "
+                    "are shortened (skill phrases are kept whole)", need, model_cfg.max_text_len)
+    transform = XVLASampleTransform(tokenizer=tokenizer, max_text_len=model_cfg.max_text_len, instructions=tasks,
                                     augment=AugmentConfig() if cfg.data.augment else None)
     return StreamLoader(data.shards, StreamConfig(
         batch_size=cfg.micro_batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers,

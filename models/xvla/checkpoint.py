@@ -38,21 +38,23 @@ def config_to_json(cfg: XVLAConfig) -> dict[str, Any]:
 
 
 def config_from_json(doc: dict[str, Any], *, where: str = CONFIG_FILE) -> XVLAConfig:
-    """Our config from a config.json we wrote (the "b1k" block); ValueError naming the problem otherwise."""
+    """Our config from a config.json we wrote (the "b1k" block); one-line ValueError naming the field otherwise."""
     if doc.get("model_type") != "xvla":
         raise ValueError(f"{where}: model_type is {doc.get('model_type')!r}, not 'xvla'")
     b1k = doc.get("b1k")
-    if b1k is None:
-        raise ValueError(f"{where} is a published X-VLA config (no 'b1k' block): load it with "
-                         f"models.xvla.weights.load_xvla_pretrained, which converts it")
+    if not isinstance(b1k, dict):
+        raise ValueError(f"{where}: field 'b1k' must be an object (our XVLAConfig); a published X-VLA config "
+                         f"has none and is converted by models/xvla/weights.py")
     fields = dict(b1k)
-    fields["vision"] = FlorenceVisionConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                               for k, v in fields["vision"].items()})
-    fields["text"] = FlorenceTextConfig(**fields["text"])
     try:
+        fields["vision"] = FlorenceVisionConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                                   for k, v in dict(fields["vision"]).items()})
+        fields["text"] = FlorenceTextConfig(**dict(fields["text"]))
         return XVLAConfig(**fields)
-    except TypeError as e:
-        raise ValueError(f"{where}: {e}") from e
+    except KeyError as e:
+        raise ValueError(f"{where}: field 'b1k.{e.args[0]}' is missing") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: field 'b1k': {e}") from None
 
 
 def save_checkpoint(model: torch.nn.Module, out_dir: str, *, tokenizer: Any | None = None,
@@ -77,33 +79,84 @@ def save_checkpoint(model: torch.nn.Module, out_dir: str, *, tokenizer: Any | No
     return out_dir
 
 
-def load_checkpoint(path: str, *, device: str = "cpu"):
-    """(XVLA, state.json contents) from a directory written by save_checkpoint, or from a published X-VLA
-    directory (X-VLA-Pt layout: converted by models/xvla/weights.py, which logs what it re-initialized)."""
+# Files a loader may need; optimizer.pt is never read here (and never unpickled from an untrusted place).
+_LOCALIZED = ("config.json", "model.safetensors", "model.safetensors.index.json", "state.json", "tokenizer.json",
+              "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+              "norm_stats.json", "serving.json", "instructions.json", "preprocessor_config.json")
+_local_copies: dict[str, str] = {}
+
+
+def localize(url: str) -> str:
+    """A local directory with the checkpoint's files: `url` itself when local, else a copy of the files a loader
+    reads (downloaded once per process; removed at exit)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from data_loaders import storage
+
+    fs, path = storage.resolve(url)
+    if storage.is_local(fs):
+        return path
+    if url in _local_copies:
+        return _local_copies[url]
+    local = tempfile.mkdtemp(prefix="b1k-xvla-")
+    atexit.register(shutil.rmtree, local, True)
+    names = [n for n in _LOCALIZED if fs.exists(storage.join(path, n))]
+    if "model.safetensors.index.json" in names:
+        fs.get(storage.join(path, "model.safetensors.index.json"), os.path.join(local, "model.safetensors.index.json"))
+        from models.xvla.weights import _tensor_files  # validates the shard names before anything is fetched
+
+        names += [os.path.basename(f) for f in _tensor_files(local)]
+    for name in names:
+        fs.get(storage.join(path, name), os.path.join(local, name))
+    _local_copies[url] = local
+    return local
+
+
+def load_checkpoint(path: str, *, device: str = "cpu", allow_reinit: tuple[str, ...] = (),
+                    reinit_whole_layers: bool = True, **overrides):
+    """(XVLA in eval mode, state.json contents) from a directory, local or s3://, of any of the three layouts
+    (models/xvla/weights.py): ours as written, X-VLA's published and LeRobot's converted into the variant (the
+    load report is `model.load_report`). `overrides` replace config fields (e.g. domain_id=3 for a LeRobot
+    model whose domain came with each batch). A directory of no known layout, a malformed file or field: one
+    line naming it (XVLAWeightError, a ValueError)."""
     from models.xvla.model import XVLA
+    from models.xvla.weights import (
+        LAYOUT_LEROBOT,
+        LAYOUT_OURS,
+        config_from_lerobot,
+        config_from_published,
+        detect_layout,
+        load_xvla_pretrained,
+        read_json,
+    )
 
-    config_path = os.path.join(path, CONFIG_FILE)
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; is it an X-VLA checkpoint directory?")
-    with open(config_path) as f:
-        doc = json.load(f)
-    if doc.get("model_type") == "xvla" and "b1k" not in doc:
-        from models.xvla.weights import config_from_published, load_xvla_pretrained
-
-        model = XVLA(config_from_published(doc))
+    local = localize(path)
+    layout, doc = detect_layout(local)
+    where = f"{path}/{CONFIG_FILE}"
+    state_path = os.path.join(local, STATE_FILE)
+    state = read_json(state_path) if os.path.exists(state_path) else {"global_step": 0}
+    if not isinstance(state, dict) or not isinstance(state.get("global_step", 0), int):
+        raise ValueError(f"{path}/{STATE_FILE}: field 'global_step' must be an integer")
+    if layout == LAYOUT_OURS:
+        cfg = config_from_json(doc, where=where)
+        if overrides:
+            cfg = dataclasses.replace(cfg, **overrides)
+        model = XVLA(cfg)
         model.init_weights()
-        model.load_report = load_xvla_pretrained(model, path)
-        state_path = os.path.join(path, STATE_FILE)
-        state = json.load(open(state_path)) if os.path.exists(state_path) else {"global_step": 0}
+        tensors = load_file(os.path.join(local, MODEL_FILE))
+        tensors.setdefault("skill_row_mask", model.skill_row_mask.clone())  # exports from before the mask
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not match config.json: missing {missing[:5]}, unexpected "
+                             f"{unexpected[:5]}")
         return model.to(device).eval(), state
-    if not os.path.exists(os.path.join(path, STATE_FILE)):
-        raise FileNotFoundError(f"{path} is not a complete X-VLA checkpoint (no {STATE_FILE})")
-    cfg = config_from_json(doc, where=config_path)
-    model = XVLA(cfg)
-    missing, unexpected = model.load_state_dict(load_file(os.path.join(path, MODEL_FILE)), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match config.json: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}")
-    with open(os.path.join(path, STATE_FILE)) as f:
-        state = json.load(f)
+    build = config_from_lerobot if layout == LAYOUT_LEROBOT else config_from_published
+    model = XVLA(build(doc, where=where, path=path, **overrides))
+    model.init_weights()
+    model.load_report = load_xvla_pretrained(model, local, allow_reinit=tuple(allow_reinit),
+                                             reinit_whole_layers=reinit_whole_layers,
+                                             variant_file=None if layout == LAYOUT_LEROBOT else
+                                             ("num_tasks" in doc or "num_skills" in doc or None))
     return model.to(device).eval(), state

@@ -11,8 +11,13 @@ import dataclasses
 from typing import Any
 
 from data_loaders.behavior_facts import ACTION_DIM, ACTION_HORIZON, NUM_TASKS
+from data_loaders.instructions import NUM_XVLA_SKILLS
 
-NUM_SKILLS = 34  # the BEHAVIOR skill vocabulary of the variant (xvla.md §3.3)
+NUM_SKILLS = NUM_XVLA_SKILLS  # 34 rows; raw skill id -> row: data_loaders/instructions.XVLA_SKILLS
+ACTION_MODES = ("auto",)  # X-VLA's ee6d / joint spaces (gripper BCE, sigmoid outputs) are not implemented
+# Longest enriched instruction in BART tokens: task 49's sentence is 110 with <s> and </s>, " Current: <phrase>."
+# adds up to ~20 for the longest templates; 144 keeps every skill phrase of the 50 tasks (tests/unit/test_xvla_data).
+FULL_MAX_TEXT_LEN = 144
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,7 +44,14 @@ class FlorenceTextConfig:
     heads: int = 16
     ffn_dim: int = 4096
     max_position_embeddings: int = 4096
-    dropout: float = 0.1
+    dropout: float = 0.1  # hidden-state dropout of the BART encoder
+    attention_dropout: float | None = None  # None: same as dropout (X-VLA-Pt: 0.1 for all three)
+    activation_dropout: float | None = None  # None: same as dropout
+
+    def dropouts(self) -> tuple[float, float, float]:
+        """(dropout, attention_dropout, activation_dropout) with the None defaults resolved."""
+        return (self.dropout, self.dropout if self.attention_dropout is None else self.attention_dropout,
+                self.dropout if self.activation_dropout is None else self.activation_dropout)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,11 +69,13 @@ class XVLAConfig:
     dim_time: int = 32
     max_len_seq: int = 512
     num_actions: int = ACTION_HORIZON  # 30
+    action_mode: str = "auto"  # X-VLA's action space: "auto" = pad to max_action_dim, 100 * MSE on the real dims
     real_action_dim: int = ACTION_DIM  # 23: loss and output on these dims ("auto" action mode)
-    max_action_dim: int = ACTION_DIM  # model action width; proprio has the same width in auto mode
+    max_action_dim: int = ACTION_DIM  # model action width
+    max_state_dim: int = ACTION_DIM  # proprio width fed to the action encoder (LeRobot's max_state_dim)
     num_views: int = 3  # view 0 (head) goes through the BART encoder with the text, the wrists only through DaViT
     image_size: int = 224
-    max_text_len: int = 50
+    max_text_len: int = FULL_MAX_TEXT_LEN  # tokens per instruction (X-VLA-Pt: 50, LeRobot: 64); see docs/xvla.md
     num_tasks: int = NUM_TASKS
     num_skills: int = NUM_SKILLS
     skill_loss_weight: float = 0.1  # lambda of the auxiliary skill cross-entropy
@@ -71,14 +85,21 @@ class XVLAConfig:
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of num_heads {self.num_heads}")
+        if self.action_mode not in ACTION_MODES:
+            raise ValueError(f"action_mode {self.action_mode!r} is not implemented; only {ACTION_MODES}")
         if self.real_action_dim > self.max_action_dim:
             raise ValueError(f"real_action_dim {self.real_action_dim} exceeds max_action_dim {self.max_action_dim}")
+        if self.max_state_dim < 1:
+            raise ValueError(f"max_state_dim must be >= 1 (the proprio input), got {self.max_state_dim}")
         if not 0 <= self.domain_id < self.num_domains:
             raise ValueError(f"domain_id {self.domain_id} must be in [0, {self.num_domains})")
         if self.num_views < 1 or self.num_tasks < 1 or self.num_skills < 1:
             raise ValueError("num_views, num_tasks and num_skills must be >= 1")
         if self.sequence_length > self.max_len_seq:
             raise ValueError(f"{self.sequence_length} tokens exceed max_len_seq {self.max_len_seq}")
+        if self.tokens_per_view + self.max_text_len > self.text.max_position_embeddings:
+            raise ValueError(f"view 0's {self.tokens_per_view} image tokens + max_text_len {self.max_text_len} exceed "
+                             f"the text encoder's {self.text.max_position_embeddings} positions")
         if len({len(self.vision.embed_dim), len(self.vision.depths), len(self.vision.num_heads)}) != 1:
             raise ValueError("vision.embed_dim, depths and num_heads must have one entry per DaViT stage")
 
@@ -104,11 +125,12 @@ class XVLAConfig:
             num_groups=list(v.num_groups), window_size=v.window_size, drop_path_rate=v.drop_path_rate,
             projection_dim=t.d_model, max_position_embeddings=v.max_position_embeddings,
             max_temporal_embeddings=v.max_temporal_embeddings)
+        dropout, attention_dropout, activation_dropout = t.dropouts()
         text = BartConfig(vocab_size=t.vocab_size, d_model=t.d_model, encoder_layers=t.layers, decoder_layers=1,
                           encoder_attention_heads=t.heads, decoder_attention_heads=t.heads, encoder_ffn_dim=t.ffn_dim,
                           decoder_ffn_dim=t.ffn_dim, max_position_embeddings=t.max_position_embeddings,
-                          dropout=t.dropout, attention_dropout=t.dropout, activation_dropout=t.dropout,
-                          scale_embedding=False)
+                          dropout=dropout, attention_dropout=attention_dropout,
+                          activation_dropout=activation_dropout, scale_embedding=False)
         return Florence2Config(vision_config=vision, text_config=text)
 
 
@@ -125,7 +147,8 @@ def tiny() -> XVLAConfig:
                                     max_position_embeddings=16, max_temporal_embeddings=4),
         text=FlorenceTextConfig(vocab_size=512, d_model=32, layers=2, heads=2, ffn_dim=64,
                                 max_position_embeddings=128, dropout=0.0),
-        hidden_size=32, depth=2, num_heads=2, dropout=0.0, len_soft_prompts=4, max_text_len=24,
+        hidden_size=32, depth=2, num_heads=2, dropout=0.0, len_soft_prompts=4,
+        max_text_len=72,  # byte-level tokenizer: long task sentences are shortened, the skill phrase is kept
     )
 
 

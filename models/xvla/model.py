@@ -31,6 +31,9 @@ class XVLA(nn.Module):
         self.skill_classifier = nn.Linear(cfg.text.d_model, cfg.num_skills)
         # Class weights of the skill cross-entropy (∝ 1/sqrt(frequency), mean 1; data stats set them).
         self.register_buffer("skill_class_weights", torch.ones(cfg.num_skills), persistent=False)
+        # 1 for the skill-table rows the training data uses, 0 for the others: masked out of the classifier's
+        # loss and argmax. Persistent, so an export predicts only the skills its data had.
+        self.register_buffer("skill_row_mask", torch.ones(cfg.num_skills))
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1), persistent=False)
 
@@ -44,6 +47,7 @@ class XVLA(nn.Module):
         nn.init.zeros_(self.skill_classifier.bias)
         with torch.no_grad():
             self.skill_class_weights.fill_(1.0)
+            self.skill_row_mask.fill_(1.0)
             self.pixel_mean.copy_(torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1))
             self.pixel_std.copy_(torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1))
             # Florence-2's fixed cosine temporal table (a persistent buffer: empty after a meta-device build).
@@ -56,6 +60,19 @@ class XVLA(nn.Module):
         if tuple(weights.shape) != (self.cfg.num_skills,) or not bool(torch.all(weights > 0)):
             raise ValueError(f"skill class weights must be {self.cfg.num_skills} positive numbers")
         self.skill_class_weights.copy_(weights.to(self.skill_class_weights))
+
+    def set_skill_rows_used(self, used: torch.Tensor) -> None:
+        """`used` (num_skills,) bool: the rows the training data labels; the others can never be predicted."""
+        if tuple(used.shape) != (self.cfg.num_skills,) or not bool(used.any()):
+            raise ValueError(f"skill rows used must be {self.cfg.num_skills} booleans with at least one true")
+        self.skill_row_mask.copy_(used.to(self.skill_row_mask))
+
+    def skill_logits(self, vlm_features: torch.Tensor) -> torch.Tensor:
+        """Classifier logits on the mean VLM feature; unused rows get the dtype's minimum (never chosen, ~0
+        probability in the cross-entropy)."""
+        logits = self.skill_classifier(vlm_features.mean(dim=1))
+        unused = self.skill_row_mask.to(logits.device) < 0.5
+        return logits.masked_fill(unused, torch.finfo(logits.dtype).min)
 
     def transformer_blocks(self) -> list[nn.Module]:
         """Repeated blocks (DaViT stages' blocks, BART layers, action transformer): FSDP and checkpointing units."""
@@ -81,15 +98,19 @@ class XVLA(nn.Module):
         if mask is None:
             mask = torch.ones(b, v, dtype=torch.bool, device=images.device)
         vlm, aux = self.vlm(images, mask, batch["input_ids"])
-        return vlm, aux, self.skill_classifier(vlm.mean(dim=1))
+        return vlm, aux, self.skill_logits(vlm)
 
     def _denoise(self, x_t, t, proprio, vlm, aux, task, skill) -> torch.Tensor:
         domain = torch.full_like(task, self.cfg.domain_id)
         return self.transformer(x_t=x_t, proprio=proprio, t=t, vlm_features=vlm, aux_visual=aux, domain=domain,
                                 task=task, skill=skill)
 
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x.float(), (0, self.cfg.max_action_dim - x.shape[-1]))
+    def _pad(self, x: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        """Zero-pad the last dim to `width` (default max_action_dim), as X-VLA's auto mode and LeRobot do."""
+        width = self.cfg.max_action_dim if width is None else width
+        if x.shape[-1] > width:
+            raise ValueError(f"input of width {x.shape[-1]} exceeds the model's {width}")
+        return F.pad(x.float(), (0, width - x.shape[-1]))
 
     # --- training ----------------------------------------------------------------------------------------------
 
@@ -112,7 +133,8 @@ class XVLA(nn.Module):
         eps = torch.randn(actions.shape, generator=generator, device=dev)
         x_t = t[:, None, None] * eps + (1.0 - t[:, None, None]) * actions
         skill = batch["skill"].long()
-        pred = self._denoise(x_t, t, self._pad(batch["proprio"]), vlm, aux, batch["task"].long(), skill.clamp(min=0))
+        proprio = self._pad(batch["proprio"], cfg.max_state_dim)
+        pred = self._denoise(x_t, t, proprio, vlm, aux, batch["task"].long(), skill.clamp(min=0))
         err = (pred[..., : cfg.real_action_dim].float() - actions[..., : cfg.real_action_dim]) ** 2
         mask = batch.get("action_mask")
         step_w = torch.ones(err.shape[:2], device=dev) if mask is None else mask.float()
@@ -149,7 +171,8 @@ class XVLA(nn.Module):
         b, dev = vlm.shape[0], vlm.device
         task = task_id.reshape(b).long().to(dev)
         skill = logits.argmax(-1) if skill_id is None else skill_id.reshape(b).long().to(dev)
-        state = torch.zeros(b, cfg.max_action_dim, device=dev) if proprio is None else self._pad(proprio.to(dev))
+        state = (torch.zeros(b, cfg.max_state_dim, device=dev) if proprio is None
+                 else self._pad(proprio.to(dev), cfg.max_state_dim))
         eps = (torch.randn((b, cfg.num_actions, cfg.max_action_dim), generator=generator, device=dev)
                if noise is None else noise.to(dev, torch.float32))
         a_hat = torch.zeros_like(eps)
@@ -164,11 +187,16 @@ class XVLA(nn.Module):
     # --- checkpoints (the seed's layout, models/xvla/checkpoint.py) --------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str, *, device: str = "cpu") -> XVLA:
-        """A checkpoint directory written by `save_pretrained` (or by the trainer's X-VLA export)."""
+    def from_pretrained(cls, path: str, *, device: str = "cpu", allow_reinit: tuple[str, ...] = (),
+                        reinit_whole_layers: bool = True, **overrides) -> XVLA:
+        """A checkpoint directory, local or s3://: ours (`save_pretrained`, the trainer's export), X-VLA's
+        published layout (2toINF/X-VLA-*) or LeRobot's (`XVLAPolicy.save_pretrained`). `overrides` replace
+        XVLAConfig fields read from the directory (e.g. domain_id=3); `allow_reinit` names the prompt/classifier
+        modules that may be re-initialised when missing; `model.load_report` lists every tensor."""
         from models.xvla.checkpoint import load_checkpoint
 
-        return load_checkpoint(path, device=device)[0]
+        return load_checkpoint(path, device=device, allow_reinit=allow_reinit,
+                               reinit_whole_layers=reinit_whole_layers, **overrides)[0]
 
     def save_pretrained(self, path: str, *, tokenizer=None, optimizer_state=None, global_step: int = 0) -> str:
         from models.xvla.checkpoint import save_checkpoint

@@ -95,8 +95,8 @@ class SoftPromptedTransformer(nn.Module):
         self.aux_visual_proj = nn.Linear(cfg.text.d_model, d)
         self.pos_emb = nn.Parameter(torch.zeros(1, cfg.max_len_seq, d))
         self.norm = nn.LayerNorm(d)
-        # auto mode: proprio has the model's action width (max_action_dim)
-        self.action_encoder = DomainAwareLinear(2 * cfg.max_action_dim + cfg.dim_time, d, n)
+        # [noisy action (max_action_dim) | proprio (max_state_dim) | time (dim_time)] per action token
+        self.action_encoder = DomainAwareLinear(cfg.max_action_dim + cfg.max_state_dim + cfg.dim_time, d, n)
         self.action_decoder = DomainAwareLinear(d, cfg.max_action_dim, n)
         p = cfg.len_soft_prompts * d
         self.soft_prompt_hub = nn.Embedding(n, p)
@@ -126,7 +126,7 @@ class SoftPromptedTransformer(nn.Module):
     def forward(self, *, x_t: torch.Tensor, proprio: torch.Tensor, t: torch.Tensor, vlm_features: torch.Tensor,
                 aux_visual: torch.Tensor, domain: torch.Tensor, task: torch.Tensor, skill: torch.Tensor
                 ) -> torch.Tensor:
-        """x_t (B, T, A) noisy chunk, proprio (B, A), t (B,) -> predicted clean chunk (B, T, A)."""
+        """x_t (B, T, A) noisy chunk, proprio (B, S), t (B,) -> predicted clean chunk (B, T, A)."""
         b, horizon = x_t.shape[:2]
         time_tok = time_embedding(t, self.cfg.dim_time).to(x_t.dtype)[:, None].expand(b, horizon, -1)
         tokens = torch.cat([x_t, proprio[:, None].expand(b, horizon, -1).to(x_t.dtype), time_tok], dim=-1)

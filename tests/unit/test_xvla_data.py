@@ -81,3 +81,45 @@ def test_xvla_recipes_and_config_checks():
         apply_overrides(cfg, ["init_from=pi05:/x"])
     with pytest.raises(ValueError, match="family"):
         apply_overrides(cfg, ["family=openvla"])
+
+
+def _instruction_tokenizer():
+    """X-VLA's BART tokenizer when a directory with it is given (B1K_XVLA_TOKENIZER, e.g. X-VLA-Pt), else the
+    byte-level one of the tiny models; with the model size whose limit applies."""
+    import os
+
+    from models.xvla.config import full, tiny
+    from models.xvla.tokenizer import byte_level_tokenizer, load_tokenizer
+
+    path = os.environ.get("B1K_XVLA_TOKENIZER")
+    if path:
+        return load_tokenizer(path), full().max_text_len, True
+    return byte_level_tokenizer(), tiny().max_text_len, False
+
+
+def test_every_enriched_instruction_keeps_its_skill_phrase():
+    """All 50 task sentences x all 34 skills (with long object names): the skill phrase survives tokenization.
+    With BART's tokenizer nothing is shortened at the full model's limit; with the byte-level one (up to ~500
+    bytes per sentence) the task sentence is shortened and the phrase kept."""
+    from data_loaders.behavior_facts import TASK_INSTRUCTIONS
+    from data_loaders.instructions import XVLA_SKILLS, instruction_ids, required_text_len, skill_phrase
+
+    tok, limit, real = _instruction_tokenizer()
+    objects = ["wine_bottle_212_1", "kitchen_cabinet_xyzabc_0", "coffee_table_koagbh_0"]
+    phrases = [skill_phrase(sid, objects) for sid, _ in XVLA_SKILLS]
+    assert all(phrases) and len(phrases) == 34
+    sentences = [task_sentence(t, dict(enumerate(TASK_INSTRUCTIONS))) for t in range(50)]
+    shortened = 0
+    for sentence in sentences:
+        for phrase in phrases:
+            ids = instruction_ids(tok, sentence, phrase, limit)
+            assert len(ids) == limit
+            text = tok.decode(ids, skip_special_tokens=True)
+            assert text.endswith(f" Current: {phrase}."), (sentence[:40], phrase, text[-80:])
+            shortened += text != f"{sentence} Current: {phrase}."
+    if real:  # the limit follows from the longest instruction: nothing is cut
+        assert shortened == 0 and required_text_len(tok, sentences, phrases) <= limit
+    else:
+        assert shortened > 0
+    # The task-only instruction (what the server sends) is plain truncation, like X-VLA's processor.
+    assert len(instruction_ids(tok, sentences[49], "", limit)) == limit
