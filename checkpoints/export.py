@@ -8,18 +8,21 @@
     serving.json           the policy server's inference-time control settings (serving/config.py)
     state.json             {"global_step": n, "mlflow_run_id": id of the training run (when tracked)}
 
-Files are written to a local staging directory and uploaded, with state.json last: a reader that finds
-state.json finds a complete artifact.
+Files are written to a local staging directory and uploaded, each atomically, with state.json last: a reader
+that finds state.json finds a complete artifact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import posixpath
 import shutil
 import tempfile
-from typing import Any
+import time
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -51,16 +54,10 @@ def export_artifact(out_url: str, *, state_dict: dict[str, torch.Tensor], model_
     """
     staging = keep_copy_in or tempfile.mkdtemp(prefix="b1k-export-")
     try:
-        save_file({k: v.detach().to(torch.float32).contiguous().cpu() for k, v in state_dict.items()},
-                  os.path.join(staging, MODEL_FILE))
-        config = {"model_type": "pi_behavior", "model_config": model_config_name,
-                  "model": dataclasses.asdict(model_config), "train": train_config}
-        with open(os.path.join(staging, CONFIG_FILE), "w") as f:
-            json.dump(config, f, indent=1, sort_keys=True, default=list)
-        with open(os.path.join(staging, SERVING_FILE), "w") as f:
-            f.write((serving_config or ServingConfig()).to_json())
-        _copy_url(norm_stats_url, os.path.join(staging, NORM_FILE))
-        _copy_url(fast_tokenizer_url, os.path.join(staging, FAST_DIR))
+        with _staging_errors(staging):
+            _stage(staging, state_dict=state_dict, model_config_name=model_config_name, model_config=model_config,
+                   train_config=train_config, norm_stats_url=norm_stats_url, fast_tokenizer_url=fast_tokenizer_url,
+                   serving_config=serving_config)
         publish_staged(staging, out_url, step=step, extra_state=extra_state, keep_state_copy=bool(keep_copy_in))
     finally:
         if not keep_copy_in:
@@ -68,21 +65,58 @@ def export_artifact(out_url: str, *, state_dict: dict[str, torch.Tensor], model_
     return out_url
 
 
+def _stage(staging: str, *, state_dict: dict[str, torch.Tensor], model_config_name: str, model_config: Any,
+           train_config: dict[str, Any], norm_stats_url: str, fast_tokenizer_url: str,
+           serving_config: ServingConfig | None) -> None:
+    save_file({k: v.detach().to(torch.float32).contiguous().cpu() for k, v in state_dict.items()},
+              os.path.join(staging, MODEL_FILE))
+    config = {"model_type": "pi_behavior", "model_config": model_config_name,
+              "model": dataclasses.asdict(model_config), "train": train_config}
+    with open(os.path.join(staging, CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=1, sort_keys=True, default=list)
+    with open(os.path.join(staging, SERVING_FILE), "w") as f:
+        f.write((serving_config or ServingConfig()).to_json())
+    _copy_url(norm_stats_url, os.path.join(staging, NORM_FILE))
+    _copy_url(fast_tokenizer_url, os.path.join(staging, FAST_DIR))
+
+
+@contextlib.contextmanager
+def _staging_errors(staging: str) -> Iterator[None]:
+    """A full or read-only local scratch (where the files are staged) is one StorageWriteError line too.
+    safetensors reports I/O failures as its own exception type, hence Exception and not only OSError."""
+    try:
+        yield
+    except Exception as e:
+        message = storage.storage_write_error(e, staging, what="the export's local staging copy")
+        if message is None:
+            raise
+        raise storage.StorageWriteError(message) from e
+
+
 def publish_staged(staging: str, out_url: str, *, step: int, extra_state: dict[str, Any] | None = None,
                    keep_state_copy: bool = False) -> None:
     """Upload every file of the local `staging` directory to `out_url`, then state.json ({**extra_state,
     "global_step": step}) atomically and last, so a reader that finds state.json finds a complete artifact.
-    With `keep_state_copy` state.json is also written into `staging`."""
+    With `keep_state_copy` state.json is also written into `staging`.
+
+    Full, read-only or forbidden storage raises storage.StorageWriteError naming the file; no temp file or
+    partial file stays behind, and temp files of an earlier export killed mid-write are swept first."""
+    started_at = time.time()
     fs, path = storage.resolve(out_url)
-    if storage.is_local(fs):
-        os.makedirs(path, exist_ok=True)
-    for name in sorted(os.listdir(staging)):
-        if name == STATE_FILE:
-            continue
-        src = os.path.join(staging, name)
-        fs.put(src, storage.join(path, name), recursive=os.path.isdir(src))
+    files = sorted(os.path.relpath(os.path.join(d, n), staging) for d, _, names in os.walk(staging) for n in names)
+    files = [f for f in files if f != STATE_FILE]
+    for d in sorted({posixpath.dirname(f) for f in files}):  # temp files of an export killed mid-write
+        storage.sweep_stale_temp_files(fs, storage.join(path, d) if d else path, started_at=started_at)
+    state_path = storage.join(path, STATE_FILE)
+    # Re-exporting over a complete export: withdraw its state.json first, or a reader would take the mix of old
+    # and new files for a complete artifact while they are replaced.
+    with storage.write_errors(fs, state_path):
+        if fs.exists(state_path):
+            fs.rm_file(state_path)
+    for rel in files:  # each file appears complete or not at all (a full disk leaves no partial file)
+        storage.put_file_atomic(fs, os.path.join(staging, rel), storage.join(path, rel))
     state = json.dumps({**(extra_state or {}), "global_step": int(step)}).encode()
-    storage.write_bytes_atomic(fs, storage.join(path, STATE_FILE), state)
+    storage.write_bytes_atomic(fs, state_path, state)
     if keep_state_copy:
         with open(os.path.join(staging, STATE_FILE), "wb") as f:
             f.write(state)

@@ -1,7 +1,8 @@
 """Turn one source episode into webdataset shards plus its episode record (the per-job work of the sharder).
 
 Files under OUT (all written with storage.write_bytes_atomic, so a killed writer leaves each path either absent
-or complete):
+or complete; a failed write removes its temp file, and a full, read-only or forbidden OUT raises
+storage.StorageWriteError at once instead of being retried):
 
     shard-{episode:08d}-{part:04d}.tar   frames [part*S, min((part+1)*S, T)) of the episode, S = samples_per_shard
     _parts/episode_{episode:08d}.json    written after every shard of the episode: their names, sizes and sha256

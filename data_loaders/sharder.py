@@ -8,6 +8,10 @@ Kill-safety and idempotence: every file is written atomically, an episode counts
 exists and all the shards it lists exist with the recorded sizes, and `manifest.json` is assembled from the
 records and written last. A killed conversion therefore never leaves anything that looks complete, and a re-run
 converts only what is missing and produces the same manifest bytes as an uninterrupted run.
+
+Full, read-only or forbidden storage stops the run with storage.StorageWriteError (one line naming the file);
+a failed write removes its temp file, the temp files of the killed workers are swept at once, and every run
+starts by sweeping temp files of writers that are gone (storage_errors.sweep_stale_temp_files).
 """
 
 from __future__ import annotations
@@ -80,9 +84,11 @@ def shard_dataset(
 
     from data_loaders.lerobot_source import LeRobotSource  # heavy imports (pyarrow, av) only when used
 
+    started_at = time.time()
     source = LeRobotSource(src)
     fs, out_path = storage.resolve(out)
     fs.invalidate_cache()  # another process (an earlier or killed run) may have written here since we last listed
+    _sweep_temp_files(fs, out_path, started_at)  # left by a killed earlier run; never a live writer's
     wanted = {"settings": settings.to_json(), "source": {"url": source.url, "layout": source.layout}}
     existing = manifest_lib.read_manifest_fs(fs, out_path)
     _check_or_record_settings(fs, out_path, out, wanted, existing)
@@ -114,6 +120,10 @@ def shard_dataset(
                 else:
                     skipped[result["episode_index"]] = result["skipped"]
                     log.warning("skipped episode %d: %s", result["episode_index"], result["skipped"]["reason"])
+    except BaseException:
+        # The pool's workers are dead by now; temp files they were writing when killed go with them.
+        _sweep_temp_files(fs, out_path, time.time())
+        raise
     finally:
         bar.close()
     elapsed = time.monotonic() - start
@@ -125,6 +135,13 @@ def shard_dataset(
     storage.write_bytes_atomic(fs, storage.join(out_path, manifest_lib.MANIFEST_NAME),
                                manifest_lib.manifest_to_bytes(raw))
     return raw
+
+
+def _sweep_temp_files(fs: AbstractFileSystem, out_path: str, started_at: float) -> None:
+    removed = [p for d in (out_path, storage.join(out_path, PARTS_DIR))
+               for p in storage.sweep_stale_temp_files(fs, d, started_at=started_at)]
+    if removed:
+        log.info("removed %d temp files of interrupted writers under %s", len(removed), out_path)
 
 
 def _is_complete(existing: dict[str, Any], refs: list[EpisodeRef], *, skip_bad: bool) -> bool:

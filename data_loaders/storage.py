@@ -6,15 +6,24 @@ server) from AWS_ENDPOINT_URL, which botocore honours natively; nothing here is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
+import shutil
 import time
-import uuid
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import fsspec
 from fsspec import AbstractFileSystem
+
+# Re-exported: callers handle storage failures through this module.
+from data_loaders.storage_errors import (  # noqa: F401
+    StorageWriteError,
+    storage_write_error,
+    sweep_stale_temp_files,
+    temp_name,
+)
 
 T = TypeVar("T")
 
@@ -48,20 +57,56 @@ def join(url: str, *parts: str) -> str:
 def write_bytes_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     """Write `data` so that `path` either does not exist or holds all of it.
 
-    Local files go to a temporary sibling that is renamed into place; object stores publish an object only when
-    its (single or multipart) upload completes, so a killed writer leaves nothing at `path`.
+    Local files go to a temporary sibling that is renamed into place (and removed if the write fails); object
+    stores publish an object only when its (single or multipart) upload completes, so a killed writer leaves
+    nothing at `path`. A full, read-only or forbidden storage raises StorageWriteError (see storage_errors.py).
     """
-    if is_local(fs):
-        parent = posixpath.dirname(path)
-        fs.makedirs(parent, exist_ok=True)
-        tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+    with write_errors(fs, path):
+        if is_local(fs):
+            _replace_via_temp(path, lambda f: f.write(data))
+        else:
+            fs.pipe_file(path, data)
+
+
+def put_file_atomic(fs: AbstractFileSystem, local_src: str, path: str) -> None:
+    """Copy the local file `local_src` to `path` with the guarantees of write_bytes_atomic (no partial file)."""
+    with write_errors(fs, path):
+        if is_local(fs):
+            with open(local_src, "rb") as src:
+                _replace_via_temp(path, lambda f: shutil.copyfileobj(src, f, 16 * 2**20))
+        else:
+            fs.put_file(local_src, path)
+
+
+def _replace_via_temp(path: str, write: Callable[[Any], Any]) -> None:
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, temp_name(os.path.basename(path)))
+    try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # a half-written temp file would only fill the disk further
+        raise
+
+
+@contextlib.contextmanager
+def write_errors(fs: AbstractFileSystem, path: str) -> Iterator[None]:
+    """Inside, an OSError no retry can fix (full, read-only, forbidden) becomes StorageWriteError naming the URL
+    of `path`; others pass unchanged."""
+    try:
+        yield
+    except StorageWriteError:
+        raise
+    except OSError as e:
+        message = storage_write_error(e, fs.unstrip_protocol(path) if not is_local(fs) else path)
+        if message is None:
+            raise
+        raise StorageWriteError(message) from e
 
 
 def read_bytes(fs: AbstractFileSystem, path: str) -> bytes:
@@ -76,6 +121,8 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 4, base_dela
         except FileNotFoundError:
             raise
         except (OSError, TimeoutError) as e:
+            if isinstance(e, OSError) and storage_write_error(e, "") is not None:
+                raise  # full, read-only or forbidden: retrying only repeats the failure
             if i == attempts - 1:
                 raise OSError(f"{what}: failed after {attempts} attempts: {e}") from e
             time.sleep(base_delay_s * (2**i))
