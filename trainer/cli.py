@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from data_loaders.storage_errors import StorageWriteError
 from trainer.k8s.errors import JobFailed, K8sError
 from trainer.supervisor import RunFailedError
 
@@ -361,8 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
-        # User-facing errors carry the problem and the fix; no traceback unless asked for.
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, StorageWriteError) as e:
+        # User-facing errors carry the problem and the fix; no traceback unless asked for. StorageWriteError: a
+        # full, read-only or forbidden storage (data shard, exports), named with the file that could not be written.
         if args.verbose:
             raise
         print(f"error: {e}", file=sys.stderr)
