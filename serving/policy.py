@@ -45,7 +45,10 @@ def read_serving_config(url: str, overrides: list[str] | None = None) -> Serving
 
 def _model_type(local: str) -> str:
     fs, path = storage.resolve(local)
-    return json.loads(fs.cat_file(storage.join(path, "config.json"))).get("model_type", "pi_behavior")
+    doc = json.loads(fs.cat_file(storage.join(path, "config.json")))
+    if doc.get("type") == "xvla" and "model_type" not in doc:
+        return "xvla"  # a LeRobot X-VLA directory (XVLAPolicy.save_pretrained)
+    return doc.get("model_type", "pi_behavior")
 
 
 class ServingPolicy:
