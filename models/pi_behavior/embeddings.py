@@ -3,6 +3,11 @@ sin-cos encodings shared with the flow-time embedding (§1.7).
 
 Initialisation follows the Flax defaults of the reference (§1.1): Linear kernels LeCun-normal (truncated),
 zero bias; embedding tables normal with std 1/sqrt(features).
+
+Precision: these modules are the reference's plain nnx.Linear/Embed layers outside the bf16 Gemma/SigLIP
+backbones. Their parameters are fp32 and, with fp32 kernels, Flax promotes even bf16 inputs to an fp32 matmul.
+So FlaxLinear computes in fp32 under autocast too, and every module here returns fp32. Keeping their
+*parameters* fp32 under FSDP/ZeRO mixed precision is the trainer's job (PiBehavior.fp32_modules()).
 """
 
 from __future__ import annotations
@@ -32,12 +37,18 @@ def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
 
 
 class FlaxLinear(nn.Linear):
-    """nn.Linear with Flax's default init (LeCun-normal kernel, zero bias), also on reset_parameters()."""
+    """nn.Linear with Flax's default init (LeCun-normal kernel, zero bias), also on reset_parameters(), computed
+    in fp32 whatever the input dtype and autocast say (an fp32 nnx.Linear); returns fp32."""
 
     def reset_parameters(self) -> None:
         lecun_normal_(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias)
 
 
 class FlaxEmbedding(nn.Embedding):
@@ -96,13 +107,13 @@ class TaskStageFusion(nn.Module):
         self._fill_buffers()
 
     def forward(self, task_B: torch.Tensor, stage_B: torch.Tensor) -> torch.Tensor:
-        """(B,) task ids and (B,) stages -> (B, 5, width)."""
+        """(B,) task ids and (B,) stages -> (B, 5, width) fp32."""
         n = self.num_stages[task_B]
         stage_B = torch.minimum(stage_B, n - 1)
         frac = stage_B.float() / torch.clamp(n - 1, min=1).float()
-        e_task = self.task_embeddings(task_B)
-        sincos = posemb_sincos(frac, self.stage_dim, 1e-3, 1.0).to(e_task.dtype)
-        learned = self.task_stage_embeddings(self.stage_offsets[task_B] + stage_B)
+        e_task = self.task_embeddings(task_B).float()
+        sincos = posemb_sincos(frac, self.stage_dim, 1e-3, 1.0)
+        learned = self.task_stage_embeddings(self.stage_offsets[task_B] + stage_B).float()
         x_all = torch.cat([e_task, sincos, learned], dim=-1)
         g_s = torch.sigmoid(self.gate_sincos(x_all))
         g_l = torch.sigmoid(self.gate_learned(x_all))
@@ -118,7 +129,7 @@ class TaskStageFusion(nn.Module):
 
 
 class TimeEmbedding(nn.Module):
-    """Flow time t -> adaRMS condition: swish(out(swish(in(sincos(t)))))."""
+    """Flow time t -> adaRMS condition: swish(out(swish(in(sincos(t))))), fp32."""
 
     def __init__(self, width: int, min_period: float, max_period: float):
         super().__init__()
@@ -127,5 +138,5 @@ class TimeEmbedding(nn.Module):
         self.time_mlp_out = flax_linear(width, width)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        emb = posemb_sincos(t, self.width, self.min_period, self.max_period).to(self.time_mlp_in.weight.dtype)
+        emb = posemb_sincos(t, self.width, self.min_period, self.max_period)
         return F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(emb))))

@@ -257,6 +257,10 @@ class Inpainter:
         t_new = float(t_new)
         if t_new <= self.threshold:
             return x
+        with torch.autocast(x.device.type, enabled=False):  # the conditional shift is an fp32 solve (§4.1)
+            return self._apply(x, t_new, state)
+
+    def _apply(self, x: Tensor, t_new: float, state: InpaintState) -> Tensor:
         b, o = x.shape[0], state.num_kept * self.dim
         x_BF = x.reshape(b, -1)
         x_des_BO = (1.0 - t_new) * state.x0_BO + t_new * state.z_BO

@@ -15,6 +15,8 @@ Forward structure (pi_behavior.md §1-§4):
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,8 +53,11 @@ class KVTransform(nn.Module):
             self.v_bias.zero_()
 
     def forward(self, ks_LBKPE: torch.Tensor, vs_LBKPE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixed keys/values in the cache's dtype; the mixing itself runs in fp32 (also under autocast), as the
+        reference's fp32 coefficients do."""
         def mix(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            out = torch.einsum("ji,ibkpe->jbkpe", w.float(), x.float()) + b.float()[:, None, :, None, :]
+            with torch.autocast(x.device.type, enabled=False):
+                out = torch.einsum("ji,ibkpe->jbkpe", w.float(), x.float()) + b.float()[:, None, :, None, :]
             return out.to(x.dtype)
 
         return mix(ks_LBKPE, self.k_coeffs, self.k_bias), mix(vs_LBKPE, self.v_coeffs, self.v_bias)
@@ -110,6 +115,14 @@ class PiBehavior(nn.Module):
         """Every repeated block (vision, VLM, expert): the units for FSDP sharding and activation checkpointing."""
         return [*self.vision_tower.layers, *self.vlm_layers, *self.expert_layers]
 
+    def fp32_modules(self) -> list[nn.Module]:
+        """Modules whose parameters stay fp32 under mixed precision (the trainer's FSDP/ZeRO policy), as in the
+        reference: its plain nnx.Linear/Embed heads keep fp32 parameters and compute in fp32 (a bf16-stored
+        mixing coefficient of 0.999 would read 1.0). They compute in fp32 under autocast by themselves."""
+        names = ("task_stage", "stage_head", "fast_token_embedding", "fast_token_proj", "kv_transform",
+                 "action_in_proj", "action_out_proj", "time_embedding")
+        return [getattr(self, n) for n in names if hasattr(self, n)]
+
     # --- prefix --------------------------------------------------------------------------------------------------
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -122,6 +135,10 @@ class PiBehavior(nn.Module):
         feats = self.vision_tower(images.flatten(0, 1))
         return self.multi_modal_projector(feats).reshape(b, c * feats.shape[1], -1)
 
+    def embed_token_ids(self, ids_BS: torch.Tensor) -> torch.Tensor:
+        """Gemma vocabulary ids -> embeddings times sqrt(width), as PaliGemma embeds text (here: the state bins)."""
+        return self.embed_tokens(ids_BS) * (self.cfg.vlm.width ** 0.5)
+
     def embed_prefix(self, batch: dict[str, torch.Tensor], *, with_fast: bool):
         """-> tokens (B, P, D), valid (B, P), ar flags (P,), number of FAST tokens."""
         cfg = self.cfg
@@ -131,7 +148,7 @@ class PiBehavior(nn.Module):
         state = batch["state"]
         if state.shape[-1] != cfg.action_dim:
             raise ValueError(f"state must be normalised and padded to {cfg.action_dim}, got {tuple(state.shape)}")
-        state_tokens = self.embed_tokens(state_to_bins(state, cfg.state_bins)) * (cfg.vlm.width ** 0.5)
+        state_tokens = self.embed_token_ids(state_to_bins(state, cfg.state_bins))
         parts = [img, stage_tokens, state_tokens.to(img.dtype)]
         valid = [torch.ones(b, img.shape[1] + 5 + cfg.action_dim, dtype=torch.bool, device=device)]
         num_fast = 0
@@ -171,7 +188,8 @@ class PiBehavior(nn.Module):
                    prefix_valid_BP: torch.Tensor) -> torch.Tensor:
         """Velocity (B, N, H, A) for N noisy chunks sharing one (already transformed, FAST-free) prefix cache."""
         b, n, h, a = x_t_BNHA.shape
-        tokens = self.action_in_proj(x_t_BNHA.reshape(b, n * h, a).to(self.action_in_proj.weight.dtype))
+        # action_in_proj and the time MLP are fp32 (embeddings.py); the expert runs in the cache's dtype.
+        tokens = self.action_in_proj(x_t_BNHA.reshape(b, n * h, a)).to(ks.dtype)
         cond = self.time_embedding(t_BN.reshape(-1)).reshape(b, n, -1)  # one condition per flow sample
         start = prefix_valid_BP.long().sum(dim=1, keepdim=True)  # positions continue after the prefix (§1.2)
         positions = (start + torch.arange(h, device=tokens.device)[None]).repeat(1, n)
@@ -193,6 +211,12 @@ class PiBehavior(nn.Module):
 
     # --- training ------------------------------------------------------------------------------------------------
 
+    def flow_loss(self, actions_BHA: torch.Tensor, noise_BNHA: torch.Tensor, t_BN: torch.Tensor,
+                  ks: torch.Tensor, vs: torch.Tensor, prefix_valid_BP: torch.Tensor) -> torch.Tensor:
+        """Elementwise flow-matching loss (v - u)^2, (B, N, H, A), for N (noise, time) pairs per sample."""
+        x_t, u = flow_targets(actions_BHA.float()[:, None].expand_as(noise_BNHA), noise_BNHA, t_BN)
+        return (self.run_expert(x_t, t_BN, ks, vs, prefix_valid_BP) - u).pow(2)
+
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None):
         """Training loss (§3): flow MSE over all A dims averaged over N samples + 0.1 stage CE + 0.05 FAST CE.
 
@@ -206,9 +230,7 @@ class PiBehavior(nn.Module):
         n = cfg.num_flow_samples
         noise = self.noise.sample((b, n), generator=generator)
         t = sample_time((b, n), generator, device=actions.device)
-        x_t, u = flow_targets(actions[:, None].expand_as(noise), noise, t)
-        v = self.run_expert(x_t, t, ks, vs, valid)
-        action_loss = (v - u).pow(2).mean(dim=(1, 2, 3)).mean()
+        action_loss = self.flow_loss(actions, noise, t, ks, vs, valid).mean(dim=(1, 2, 3)).mean()
         logits = self.stage_logits(out, batch["task"])
         stage_loss = F.cross_entropy(logits, batch["stage"])
         loss = action_loss + cfg.stage_loss_weight * stage_loss
@@ -265,8 +287,15 @@ class PiBehavior(nn.Module):
             def inpaint(x: torch.Tensor, t_new: float) -> torch.Tensor:
                 return inpainter.apply(x, t_new, state)
 
-        def velocity(x_BHA: torch.Tensor, t_B: torch.Tensor) -> torch.Tensor:
-            return self.run_expert(x_BHA[:, None], t_B[:, None], ks, vs, valid)[:, 0]
-
-        x = sample_loop(velocity, z, num_steps=num_steps or self.cfg.num_inference_steps, inpaint=inpaint)
+        x = self.denoise(z, ks, vs, valid, num_steps=num_steps or self.cfg.num_inference_steps, inpaint=inpaint)
         return x, logits
+
+    def denoise(self, noise_BHA: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, prefix_valid_BP: torch.Tensor,
+                *, num_steps: int, inpaint: Callable[[torch.Tensor, float], torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """Euler integration from x = noise at t = 1 to t ~ 0 over a (transformed) prefix cache (flow.sample_loop)."""
+
+        def velocity(x_BHA: torch.Tensor, t_B: torch.Tensor) -> torch.Tensor:
+            return self.run_expert(x_BHA[:, None], t_B[:, None], ks, vs, prefix_valid_BP)[:, 0]
+
+        return sample_loop(velocity, noise_BHA, num_steps=num_steps, inpaint=inpaint)
