@@ -3,7 +3,7 @@
 Defaults are the 1st-place pi-behavior run (pi_behavior.md §3): AdamW(0.9, 0.95, eps 1e-8, wd 1e-10 on every
 parameter, no mask), global-norm clip 1.0, optax-style warmup-cosine (1e-4/1001 -> 1e-4 over 1k steps, cosine to
 1e-5 at step 20k, flat after), EMA 0.99. The X-VLA recipe (seeds/000) is expressed with `lr_multipliers`
-(VLM at 0.1x) and `freeze`/`freeze_steps`.
+(VLM at 0.1x), `freeze`/`freeze_steps` and X-VLA's schedule around the freeze (`restart_warmup_after_freeze`).
 
 Use, with `step` = number of optimizer steps already taken (optax counts the same way, so update k uses lr_at(k)):
 
@@ -62,6 +62,11 @@ class OptimConfig:
     lr_multipliers: tuple[tuple[str, float], ...] = ()
     freeze: tuple[str, ...] = ()  # module-name prefixes held at lr 0 while step < freeze_steps
     freeze_steps: int = 0
+    # False (pi-behavior, optax): one warmup-cosine from step 0 for every group, frozen groups held at 0 meanwhile.
+    # True (X-VLA's train.py, xvla.md §2.1): while step < freeze_steps the groups that are not frozen train at their
+    # constant base LR (peak_lr * multiplier, no warmup: the "prompt warm-up"); at freeze_steps every group's
+    # warmup starts (from warmup_init_lr; X-VLA's is 0) and the cosine reaches final_lr at decay_steps.
+    restart_warmup_after_freeze: bool = False
     ema_decay: float | None = 0.99  # ema = decay * ema + (1 - decay) * param after every step; None disables
 
     def __post_init__(self) -> None:
@@ -121,6 +126,10 @@ class OptimConfig:
         if bool(self.freeze) != (self.freeze_steps > 0):
             raise ValueError(f"freeze={self.freeze} with freeze_steps={self.freeze_steps} does nothing: set both "
                              "(prefixes and a positive step count) or neither")
+        if self.restart_warmup_after_freeze and self.decay_steps <= self.freeze_steps + self.warmup_steps:
+            raise ValueError(f"restart_warmup_after_freeze: the warmup restarts at freeze_steps "
+                             f"({self.freeze_steps}), so decay_steps ({self.decay_steps}) must be > freeze_steps + "
+                             f"warmup_steps ({self.freeze_steps + self.warmup_steps})")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), or None to disable EMA, got {self.ema_decay}")
 
@@ -133,16 +142,23 @@ class OptimConfig:
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:
-    """Base LR for optimizer update number `step` (0-based), as optax.warmup_cosine_decay_schedule.
+    """Base LR (multiplier 1, not frozen) for optimizer update number `step` (0-based).
 
-    Linear from init_lr (step 0) to peak_lr (step warmup_steps), then a half cosine from peak_lr to final_lr over
-    decay_steps - warmup_steps steps, then final_lr forever.
+    As optax.warmup_cosine_decay_schedule: linear from init_lr (step 0) to peak_lr (step warmup_steps), then a
+    half cosine from peak_lr to final_lr over decay_steps - warmup_steps steps, then final_lr forever. With
+    `restart_warmup_after_freeze`: peak_lr while step < freeze_steps, then that schedule started at freeze_steps
+    (warmup to freeze_steps + warmup_steps, final_lr at decay_steps).
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
+    decay_steps = cfg.decay_steps
+    if cfg.restart_warmup_after_freeze:
+        if step < cfg.freeze_steps:
+            return cfg.peak_lr
+        step, decay_steps = step - cfg.freeze_steps, decay_steps - cfg.freeze_steps
     if step < cfg.warmup_steps:
         return cfg.init_lr + (cfg.peak_lr - cfg.init_lr) * step / cfg.warmup_steps
-    span = cfg.decay_steps - cfg.warmup_steps
+    span = decay_steps - cfg.warmup_steps
     progress = min(step - cfg.warmup_steps, span) / span
     return cfg.final_lr + (cfg.peak_lr - cfg.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -204,7 +220,7 @@ def build_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 def group_lrs(step: int, groups: Sequence[dict], cfg: OptimConfig) -> list[float]:
     """LR of each group for update number `step`: lr_at(step) * multiplier, and 0 for freeze groups while
-    step < freeze_steps.
+    step < freeze_steps (so with restart_warmup_after_freeze the other groups run at their constant base LR then).
 
     Pass the groups returned by build_param_groups (built from the current config), not optimizer.param_groups
     after optimizer.load_state_dict: torch restores the saved group dicts, including their old multipliers.

@@ -1,9 +1,10 @@
 """X-VLA BEHAVIOR variant recipes (seeds/000; xvla.md §2.1, §3.1): the released runs and a tiny debug recipe.
 
 All: warmup 2k + cosine, freeze-then-unfreeze for the first 1k steps (the VLM and the transformer core at LR 0,
-the prompts and action heads learning: X-VLA's prompt warm-up), VLM and soft prompts at 0.1x, AdamW (0.9, 0.95),
-weight decay 0, clip 1.0, bf16, 16 samples per GPU on 4 GPUs. Our schedule runs one warmup from step 0 (X-VLA
-restarts it after the freeze); the cosine floor is 0.1x (min_lr_ratio).
+the prompts and action heads learning at their constant base LR: X-VLA's prompt warm-up), VLM and soft prompts at
+0.1x, AdamW (0.9, 0.95), weight decay 0, clip 1.0, bf16, 16 samples per GPU on 4 GPUs. As in X-VLA's train.py, every
+group's warmup starts at the unfreeze step, from 0 (base * p / warmup), and the cosine reaches its 0.1x floor
+(min_lr_ratio) at the last step.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ def _xvla(name: str, lr: float, steps: int, warmup: int = 2000, freeze_steps: in
         recipe=name, family="xvla", model="full",
         data=DataConfig(shards="", synth_tasks=(), num_workers=8, shards_per_group=8),
         optim=OptimConfig(peak_lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0,
-                          warmup_steps=warmup, decay_steps=steps, final_lr=lr * 0.1, ema_decay=None,
-                          lr_multipliers=tuple((p, 0.1) for p in _SLOW), freeze=_FROZEN_FIRST,
-                          freeze_steps=freeze_steps),
+                          warmup_steps=warmup, warmup_init_lr=0.0, decay_steps=steps, final_lr=lr * 0.1,
+                          ema_decay=None, lr_multipliers=tuple((p, 0.1) for p in _SLOW), freeze=_FROZEN_FIRST,
+                          freeze_steps=freeze_steps, restart_warmup_after_freeze=True),
         strategy="fsdp", precision="auto", activation_checkpointing=True,
         global_batch_size=64, micro_batch_size=16, num_steps=steps,
         log_every=50, save_every=5000, keep_last=2, keep_period=50_000,

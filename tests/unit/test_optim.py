@@ -168,6 +168,84 @@ def test_group_lrs_freeze_then_unfreeze():
                                                               0.1 * lr_at(step, cfg)])
 
 
+def xvla_reference_lr(step: int, base: float, frozen_first: bool, *, freeze: int, warmup: int, iters: int,
+                      min_ratio: float) -> float:
+    """X-VLA train.py's schedule for one group (xvla.md §2.1), written out independently of trainer/optim.py."""
+    if step < freeze:
+        return 0.0 if frozen_first else base
+    p = step - freeze
+    if p < warmup:
+        return base * p / warmup
+    progress = min(1.0, (p - warmup) / (iters - freeze - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class TinyXVLA(nn.Module):
+    """Same module names as models/xvla/model.py (building even the tiny X-VLA takes ~15 s on a busy CPU)."""
+
+    def __init__(self):
+        super().__init__()
+        vlm_parts = ("vision_tower", "multi_modal_projector", "language_model")
+        self.vlm = nn.ModuleDict({n: nn.Linear(2, 2) for n in vlm_parts})
+        t = nn.Module()
+        t.blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
+        for name in ("vlm_proj", "aux_visual_proj", "action_encoder", "action_decoder"):
+            setattr(t, name, nn.Linear(2, 2))
+        t.pos_emb = nn.Parameter(torch.zeros(1, 3, 2))
+        t.norm = nn.LayerNorm(2)
+        for name in ("soft_prompt_hub", "task_prompt_hub", "skill_prompt_hub"):
+            setattr(t, name, nn.Embedding(3, 2))
+        self.transformer = t
+        self.skill_classifier = nn.Linear(2, 3)
+
+
+def test_xvla_recipe_schedule_per_group_at_the_boundaries():
+    """The real X-VLA recipe on X-VLA's module names: 4 groups like X-VLA's train.py. The table of each group's LR
+    at the boundary steps is printed (pytest -s)."""
+    from trainer.recipes_xvla import xvla_b1k_lr1e4
+
+    cfg = xvla_b1k_lr1e4().optim
+    lr, freeze, warmup, iters = 1e-4, 1000, 2000, 100_000
+    model = TinyXVLA()
+    groups = build_param_groups(model, cfg)
+    kind = {"lr_x0.1_frozen": "vlm", "lr_x0.1": "soft_prompts", "lr_x1_frozen": "transformer_core",
+            "lr_x1": "action_heads"}
+    assert sorted(g["name"] for g in groups) == sorted(kind)
+    by_kind = {kind[g["name"]]: names_in(g, model) for g in groups}
+    assert all(n.startswith("vlm.") for n in by_kind["vlm"])
+    assert {n.split(".")[1] for n in by_kind["soft_prompts"]} == {"soft_prompt_hub", "task_prompt_hub",
+                                                                   "skill_prompt_hub"}
+    assert {n.split(".")[1] for n in by_kind["action_heads"]} == {"action_encoder", "action_decoder"}
+    assert "skill_classifier.weight" in by_kind["transformer_core"]  # upstream grouping: LR 0 in the freeze
+
+    base = {"vlm": 0.1 * lr, "soft_prompts": 0.1 * lr, "transformer_core": lr, "action_heads": lr}
+    frozen_first = {"vlm": True, "soft_prompts": False, "transformer_core": True, "action_heads": False}
+    steps = (0, 1, freeze - 1, freeze, freeze + 1, freeze + warmup // 2, freeze + warmup - 1, freeze + warmup,
+             freeze + warmup + 1, (freeze + warmup + iters) // 2, iters - 1, iters, iters + 10)
+    print(f"{'step':>7} " + " ".join(f"{kind[g['name']]:>17}" for g in groups))
+    for step in steps:
+        got = group_lrs(step, groups, cfg)
+        print(f"{step:>7} " + " ".join(f"{v:17.4e}" for v in got))
+        for g, value in zip(groups, got):
+            k = kind[g["name"]]
+            want = xvla_reference_lr(step, base[k], frozen_first[k], freeze=freeze, warmup=warmup, iters=iters,
+                                     min_ratio=0.1)
+            assert value == pytest.approx(want, rel=1e-12, abs=1e-20), (step, k)
+    # The boundary facts in words: prompts and heads at their constant base LR through the freeze, every group at
+    # 0 at the unfreeze step (its warmup starts there), peak at freeze + warmup, the 0.1x floor at the end.
+    assert group_lrs(freeze - 1, groups, cfg) == pytest.approx(
+        [0.0 if frozen_first[kind[g["name"]]] else base[kind[g["name"]]] for g in groups])
+    assert group_lrs(freeze, groups, cfg) == [0.0] * 4
+    assert group_lrs(freeze + warmup, groups, cfg) == pytest.approx([base[kind[g["name"]]] for g in groups])
+    assert group_lrs(iters, groups, cfg) == pytest.approx([0.1 * base[kind[g["name"]]] for g in groups])
+
+
+def test_restart_warmup_needs_room_after_the_freeze():
+    with pytest.raises(ValueError, match="freeze_steps"):
+        OptimConfig(freeze=("vlm",), freeze_steps=500, warmup_steps=600, decay_steps=1000,
+                    restart_warmup_after_freeze=True)
+
+
 # --- optimizer -------------------------------------------------------------------------------------------------
 
 
