@@ -1,14 +1,17 @@
 """Sharded training-state checkpoints in one local directory, written by every rank (see trainer/parallel.py).
 
 Layout of `local_dir`:
-- `parallel.json` (rank 0): strategy, world size, precision, format ("dcp" or "deepspeed"), whether EMA is saved.
-- DDP/FSDP (format "dcp"): torch.distributed.checkpoint files (`__<rank>_0.distcp`, `.metadata`) holding
-  {"model", "optim", "ema"}; DCP reshards on load, so any world size can read them.
+- `parallel.json` (rank 0): strategy, world size, precision, format ("dcp-safetensors" or "deepspeed"), whether
+  EMA is saved.
+- DDP/FSDP (format "dcp-safetensors"): torch.distributed.checkpoint through its safetensors storage (one
+  `.safetensors` file of shards per rank) holding the tensors of {"model", "optim", "ema"}, and `values.json`
+  with the non-tensor values; DCP reshards on load, so any world size can read them. Nothing is pickled.
 - ZeRO (format "deepspeed"): DeepSpeed's `latest` + `zero/` (model and optimizer partitions) saved with
   `universal_checkpoint_info`, which ZeRO 1/2 need for conversion to the universal format; `ema/rank_<r>.pt`
   with each rank's EMA tensors (full for ZeRO 1/2, this rank's unpadded partition for ZeRO-3).
   Loading at another world size converts `zero/` to `zero_universal/` (DeepSpeed's ds_to_universal, rank 0)
-  and loads that with `load_universal` switched on for the call.
+  and loads that with `load_universal` switched on for the call. DeepSpeed's files are pickles: they are read
+  only through torch's weights-only unpickler (checkpoints/safe_load.py), conversion included.
 
 Every function here is Collective.
 """
@@ -26,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from checkpoints.safe_load import load_torch_state
+from checkpoints.safe_load import deepspeed_loads_weights_only, load_torch_state
 
 META_FILE = "parallel.json"
 DS_TAG = "zero"
@@ -44,10 +47,7 @@ def read_meta(local_dir: str) -> dict[str, Any]:
 
 def _write_meta(local_dir: str, meta: dict[str, Any]) -> None:
     if dist.get_rank() == 0:
-        tmp = os.path.join(local_dir, META_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, os.path.join(local_dir, META_FILE))
+        _write_json(os.path.join(local_dir, META_FILE), meta)
 
 
 def _check_format(meta: dict[str, Any], fmt: str, local_dir: str) -> None:
@@ -57,6 +57,38 @@ def _check_format(meta: dict[str, Any], fmt: str, local_dir: str) -> None:
 
 
 # --- DDP / FSDP: torch.distributed.checkpoint ------------------------------------------------------------------------
+# DCP's default format pickles its `.metadata` and any non-tensor value, and its reader unpickles them without
+# restriction. We use DCP's safetensors storage instead (every rank writes its shards as one .safetensors file; the
+# reader rebuilds the metadata from the files' JSON headers) and keep the few non-tensor values (the optimizer's
+# param_groups: learning rates, betas, names) in `values.json`, written by rank 0.
+
+VALUES_FILE = "values.json"
+
+
+def _split(obj: Any, path: str = "") -> tuple[Any, Any]:
+    """(tensors, values): the same nesting with only tensor leaves, and with only the other leaves."""
+    if isinstance(obj, torch.Tensor):
+        return obj, None
+    if isinstance(obj, Mapping):
+        tensors, values = {}, {}
+        for k, v in obj.items():
+            t, o = _split(v, f"{path}.{k}")
+            if t is not None and t != {}:
+                tensors[k] = t
+            if o is not None and o != {}:
+                values[k] = o
+        return tensors, values
+    if isinstance(obj, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in obj):
+        raise TypeError(f"{path}: a list holding tensors cannot be split into the checkpoint's tensors and values")
+    return None, obj
+
+
+def _merge(tensors: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(tensors)
+    for k, v in values.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, Mapping) else v
+    return out
+
 
 def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: dict | None) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -71,10 +103,14 @@ def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: dict | N
 def dcp_save(local_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, ema: dict | None, *,
              meta: dict[str, Any]) -> None:
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
     os.makedirs(local_dir, exist_ok=True)
-    dcp.save(_dcp_state(model, optimizer, ema), checkpoint_id=local_dir)
-    _write_meta(local_dir, {**meta, "format": "dcp"})
+    tensors, values = _split(_dcp_state(model, optimizer, ema))
+    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(local_dir, save_distributed=True))
+    if dist.get_rank() == 0:
+        _write_json(os.path.join(local_dir, VALUES_FILE), values)
+    _write_meta(local_dir, {**meta, "format": "dcp-safetensors"})
     dist.barrier()
 
 
@@ -82,14 +118,24 @@ def dcp_load(local_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer,
              ) -> dict[str, Any]:
     """Load model, optimizer and (when both sides have it) EMA in place; returns the checkpoint's meta."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     meta = read_meta(local_dir)
-    _check_format(meta, "dcp", local_dir)
-    state = _dcp_state(model, optimizer, ema if meta["ema"] else None)
-    dcp.load(state, checkpoint_id=local_dir)  # EMA tensors are filled in place
+    _check_format(meta, "dcp-safetensors", local_dir)
+    tensors, _ = _split(_dcp_state(model, optimizer, ema if meta["ema"] else None))
+    with open(os.path.join(local_dir, VALUES_FILE)) as f:
+        values = json.load(f)
+    dcp.load(tensors, storage_reader=HuggingFaceStorageReader(local_dir))  # fills the tensors in place
+    state = _merge(tensors, values)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return meta
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 # --- ZeRO: DeepSpeed checkpoints + per-rank EMA --------------------------------------------------------------------
@@ -114,7 +160,8 @@ def deepspeed_load(local_dir: str, ds_engine: Any, strategy: str) -> dict[str, A
     if meta["strategy"] != strategy:
         raise ValueError(f"{local_dir} was saved by {meta['strategy']}, not {strategy}")
     if meta["world_size"] == dist.get_world_size():
-        path, _ = ds_engine.load_checkpoint(local_dir, tag=meta["tag"], load_lr_scheduler_states=False)
+        with deepspeed_loads_weights_only():
+            path, _ = ds_engine.load_checkpoint(local_dir, tag=meta["tag"], load_lr_scheduler_states=False)
     else:
         tag = meta["tag"] + "_universal"
         if dist.get_rank() == 0 and not os.path.isdir(os.path.join(local_dir, tag)):
@@ -123,7 +170,8 @@ def deepspeed_load(local_dir: str, ds_engine: Any, strategy: str) -> dict[str, A
         config = ds_engine._config  # the flag is only read while loading; it is restored right after
         previous, config.load_universal_checkpoint = config.load_universal_checkpoint, True
         try:
-            path, _ = ds_engine.load_checkpoint(local_dir, tag=tag, load_lr_scheduler_states=False)
+            with deepspeed_loads_weights_only():
+                path, _ = ds_engine.load_checkpoint(local_dir, tag=tag, load_lr_scheduler_states=False)
         finally:
             config.load_universal_checkpoint = previous
     if path is None:
@@ -133,7 +181,8 @@ def deepspeed_load(local_dir: str, ds_engine: Any, strategy: str) -> dict[str, A
 
 def to_universal(input_folder: str, output_folder: str) -> None:
     """Convert one DeepSpeed checkpoint tag folder to the universal (per-parameter, world-size-free) format."""
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", input_folder,
+    # Through our wrapper: DeepSpeed's converter unpickles every file of the checkpoint without restriction.
+    cmd = [sys.executable, "-m", "checkpoints.ds_universal", "--input_folder", input_folder,
            "--output_folder", output_folder, "--num_extract_workers", "1", "--num_merge_workers", "1"]
     out = subprocess.run(cmd, capture_output=True, text=True)  # noqa: S603 - our interpreter, our own paths
     if out.returncode != 0:

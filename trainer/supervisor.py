@@ -5,10 +5,15 @@ records the failure in <run>/failures.jsonl, sweeps uncommitted checkpoint direc
 attempt, which resumes from the last committed checkpoint on however many workers the cluster can place.
 It stops (raising RunFailedError that names the last errors) when
 
-- the error is deterministic (bad config or data: ValueError, KeyError, FileNotFoundError, ...), which a
-  restart would only repeat;
-- more than `max_failures_in_window` failures happened within `failure_window_s` (the circuit breaker);
+- the error is deterministic (bad config or data: ValueError, KeyError, FileNotFoundError, ...; no usable
+  checkpoint; storage that is full, over quota, read-only or forbidden), which a restart would only repeat;
+- more than `max_failures_in_window` failures of this invocation happened within `failure_window_s` (the circuit
+  breaker; a re-run after fixing a cause starts with the full budget, earlier failures stay in the log as
+  history);
 - or the run used up `max_failures` restarts.
+
+The supervisor's own bookkeeping never ends a run: if failures.jsonl cannot be written (the storage is full)
+the failure is kept in memory and said once.
 """
 
 from __future__ import annotations
@@ -81,19 +86,34 @@ class FailureLog:
 
     def __post_init__(self) -> None:
         self.fs, self.path = storage.resolve(storage.join(self.run_dir_url, "failures.jsonl"))
-        if self.fs.exists(self.path):
-            self.entries = [json.loads(line) for line in self.fs.cat_file(self.path).decode().splitlines() if line]
+        try:
+            text = self.fs.cat_file(self.path).decode() if self.fs.exists(self.path) else ""
+        except OSError as e:
+            print(f"[supervisor] cannot read {self.path} ({e}); earlier failures are not shown", flush=True)
+            text = ""
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+                self.entries.append({"time": float(entry["time"]), "attempt": int(entry["attempt"]),
+                                     "error": str(entry["error"])})
+            except (ValueError, KeyError, TypeError):
+                continue  # a damaged history line says nothing about this invocation
 
     def add(self, attempt: int, error: BaseException) -> dict[str, Any]:
         entry = {"time": time.time(), "attempt": attempt, "error": describe(error)}
         self.entries.append(entry)
         data = "".join(json.dumps(e) + "\n" for e in self.entries).encode()
-        storage.write_bytes_atomic(self.fs, self.path, data)
+        try:
+            storage.write_bytes_atomic(self.fs, self.path, data)
+        except Exception as e:  # noqa: BLE001 - the log is history; losing a line must not end the run
+            reason = storage.storage_write_error(e, self.run_dir_url, what="failures.jsonl") or f"{type(e).__name__}: {e}"
+            print(f"[supervisor] could not record the failure ({reason}); it is kept in memory", flush=True)
         return entry
 
-    def in_window(self, window_s: float, now: float | None = None) -> list[dict[str, Any]]:
+    def in_window(self, window_s: float, now: float | None = None, *, since: float = 0.0) -> list[dict[str, Any]]:
+        """Failures within `window_s` of `now`, and not before `since` (this invocation's start)."""
         now = time.time() if now is None else now
-        return [e for e in self.entries if now - e["time"] <= window_s]
+        return [e for e in self.entries if now - e["time"] <= window_s and e["time"] >= since]
 
 
 def supervise(run_attempt: Callable[[int], Any], *, run_dir_url: str, resilience: Any,
@@ -102,6 +122,7 @@ def supervise(run_attempt: Callable[[int], Any], *, run_dir_url: str, resilience
     from ray.train import TrainingFailedError
 
     failures = FailureLog(run_dir_url)
+    started = time.time()
     attempt = 0
     session_failures = 0  # max_failures counts this invocation; the breaker's window also sees earlier ones
     while True:
@@ -114,7 +135,10 @@ def supervise(run_attempt: Callable[[int], Any], *, run_dir_url: str, resilience
             entry = failures.add(attempt, e)
             session_failures += 1
             print(f"[supervisor] attempt {attempt} failed: {entry['error']}", flush=True)
-            verdict = _verdict(e, failures, resilience, session_failures)
+            storage_problem = _storage_problem(e, run_dir_url)
+            if storage_problem:
+                raise RunFailedError(f"{storage_problem}; {_resume_hint(run_dir_url)}") from e
+            verdict = _verdict(e, failures, resilience, session_failures, since=started)
             if verdict:
                 last = "\n  ".join(f"attempt {x['attempt']}: {x['error']}" for x in failures.entries[-3:])
                 raise RunFailedError(f"{verdict}. Last errors:\n  {last}\nFix the cause and re-run the same command: "
@@ -122,11 +146,34 @@ def supervise(run_attempt: Callable[[int], Any], *, run_dir_url: str, resilience
             print(f"[supervisor] restarting from the last committed checkpoint (attempt {attempt + 1})", flush=True)
 
 
-def _verdict(error: BaseException, failures: FailureLog, res: Any, session_failures: int) -> str | None:
+def _storage_problem(error: BaseException, run_dir_url: str) -> str | None:
+    """The one-line message when the attempt failed because the run's storage cannot be written, else None."""
+    for cause in root_causes(error):
+        if isinstance(cause, storage.StorageWriteError):
+            return str(cause)
+        found = storage.storage_write_error(cause, run_dir_url, what="the run's checkpoints")
+        if found:
+            return found
+    return None
+
+
+def _resume_hint(run_dir_url: str) -> str:
+    from checkpoints.retention import committed_checkpoints
+
+    try:
+        names = committed_checkpoints(run_dir_url)
+    except Exception:  # noqa: BLE001 - the hint is best effort; the storage may be what failed
+        names = []
+    kept = f"the last committed checkpoint, {names[-1]}, is intact" if names else "no checkpoint was committed yet"
+    return f"{kept}; re-running the same command resumes from it"
+
+
+def _verdict(error: BaseException, failures: FailureLog, res: Any, session_failures: int, *,
+             since: float = 0.0) -> str | None:
     causes = root_causes(error)
     if any(isinstance(c, DETERMINISTIC) for c in causes):
         return "the run stopped on an error a restart would repeat (bad configuration or data)"
-    recent = failures.in_window(res.failure_window_s)
+    recent = failures.in_window(res.failure_window_s, since=since)
     if len(recent) > res.max_failures_in_window:
         return (f"circuit breaker: {len(recent)} failures within {res.failure_window_s:.0f} s (limit "
                 f"resilience.max_failures_in_window={res.max_failures_in_window})")

@@ -131,3 +131,75 @@ def test_nan_steps_are_skipped_then_rolled_back(prepared, tmp_path, strategy):
     weights = exported_weights(summary["run_dir"])
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert not os.path.exists(os.path.join(summary["run_dir"], "failures.jsonl"))
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_and_the_older_one_used(prepared, reference, tmp_path, monkeypatch):
+    """Rank 1 dies before step 5; before the restart the newest committed checkpoint (step 4) gets a pickle that
+    would create a marker file in place of its engine shard. The restart verifies it, skips it with one warning
+    naming the file, marks it DAMAGED.json, resumes from step 2 and still ends bitwise equal to the uninterrupted
+    run. Nothing is unpickled, and the replay does not write into the damaged directory."""
+    import pickle
+
+    import trainer.launch as launch
+
+    marker = tmp_path / "MARKER"
+    attempts = []
+    real_sweep = launch.sweep_orphans
+
+    class Plant:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    def sweep_then_damage(run_dir):
+        attempts.append(run_dir)
+        if len(attempts) == 2:  # after the failed first attempt: damage its newest committed checkpoint
+            newest = os.path.join(run_dir, committed_checkpoints(run_dir)[-1])
+            assert newest.endswith("checkpoint_000000004"), newest
+            shard = next(os.path.join(d, n) for d, _, ns in os.walk(os.path.join(newest, "engine"))
+                         for n in ns if n.endswith(".safetensors"))
+            with open(shard, "wb") as f:
+                pickle.dump(Plant(), f)
+        return real_sweep(run_dir)
+
+    monkeypatch.setattr(launch, "sweep_orphans", sweep_then_damage)
+    cfg = config(prepared, "fault.kill_rank=1", "fault.at_step=5", "resilience.async_checkpoint=false")
+    summary = fit(cfg, run_name="damaged", storage_url=str(tmp_path), num_workers=2)
+    assert len(attempts) == 2 and not marker.exists()
+    assert read_train_state(summary["checkpoint"])["step"] == STEPS
+    damaged = os.path.join(summary["run_dir"], "checkpoint_000000004")
+    if os.path.exists(damaged):  # unless Ray's retention has deleted it since
+        with open(os.path.join(damaged, "DAMAGED.json")) as f:
+            assert ".safetensors: " in json.load(f)["problem"]
+    assert_same_weights(exported_weights(summary["run_dir"]), reference)
+    assert_audit_complete(summary["run_dir"], steps=STEPS)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MB tmpfs: room for one debug checkpoint (about 10 MB) and the run's bookkeeping, not for two."""
+    import subprocess
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)  # noqa: S603,S607
+    yield str(mount)
+    subprocess.run(["umount", "-l", str(mount)], check=False)  # noqa: S603,S607
+
+
+def test_full_storage_stops_the_run_with_one_line_and_keeps_the_last_checkpoint(prepared, small_disk):
+    """ENOSPC is not retried as if transient: one attempt, one line naming the storage, and the committed
+    checkpoint of step 2 stays intact (its integrity record verifies)."""
+    from checkpoints import integrity
+    from trainer.supervisor import RunFailedError
+
+    cfg = config(prepared, "resilience.upload_backoff_s=5", "keep_last=3")
+    t0 = time.monotonic()
+    with pytest.raises(RunFailedError) as info:
+        fit(cfg, run_name="full", storage_url=small_disk, num_workers=2)
+    message = str(info.value)
+    assert "\n" not in message and small_disk in message and "ENOSPC" in message, message
+    assert "checkpoint_000000002, is intact" in message, message
+    assert time.monotonic() - t0 < 120  # no 5 s, 10 s, 20 s ... backoff
+    run_dir = os.path.join(small_disk, "full")
+    assert committed_checkpoints(run_dir) == ["checkpoint_000000002"]
+    assert integrity.verify(os.path.join(run_dir, "checkpoint_000000002"), 2) is None

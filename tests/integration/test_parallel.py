@@ -11,6 +11,7 @@ initializes DeepSpeed once for all ZeRO stages):
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 
@@ -18,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from checkpoints import integrity
 from models.pi_behavior.config import tiny
 from models.pi_behavior.model import PiBehavior
 from trainer import parallel
@@ -32,6 +34,27 @@ EMA_DECAY = 0.9
 STRATEGIES = parallel.STRATEGIES
 CHECKPOINTED = ("fsdp", "zero3")  # activation checkpointing where it interacts with sharded weights
 UNIVERSAL = ("zero2", "zero3")
+
+
+class _Plant:
+    """Unpickling this creates a file: the marker that code from a checkpoint ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant_pickle(path: str, marker: str) -> None:
+    """Replace `path` with a pickle that would create `marker` (a torch zip for .pt files, raw otherwise)."""
+    if path.endswith(".pt"):
+        torch.save({"x": _Plant(marker)}, path)
+    else:
+        import pickle
+
+        with open(path, "wb") as f:
+            pickle.dump(_Plant(marker), f)
 
 
 def make_batch(seed: int) -> dict[str, torch.Tensor]:
@@ -167,6 +190,15 @@ def _reshard_worker(rank: int, world_size: int, port: int, root: str) -> None:
         params, ema = engine.full_model_state_dict(), engine.full_model_state_dict(ema=True)
         loss, norm = train_step(engine, rank)
         out[strategy] = {"params": params, "ema": ema, "loss": loss, "norm": norm}
+    # DeepSpeed's own loader (through the universal conversion) meets a planted pickle: it must refuse it.
+    hostile = os.path.join(root, "hostile_zero2")
+    shutil.copytree(os.path.join(root, "ckpt_zero2"), hostile)
+    plant_pickle(os.path.join(hostile, "zero", "mp_rank_00_model_states.pt"), os.path.join(root, "MARKER"))
+    try:
+        build("zero2", weights).load(hostile)
+        out["hostile_zero2"] = "loaded"
+    except Exception as e:  # noqa: BLE001 - the test inspects whatever was raised
+        out["hostile_zero2"] = f"{type(e).__name__}: {e}"
     torch.save(out, os.path.join(root, "reshard.pt"))
     dist.destroy_process_group()
 
@@ -188,6 +220,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     print("round timings (s):", {k: round(v, 1) for k, v in timings.items()})
     results = {name: torch.load(os.path.join(root, f"{name}.pt"), weights_only=False)
                for name in ("train", "resume", "reshard")}
+    results["root"] = root
     for strategy, r in results["train"].items():
         print(f"{strategy}: build {r['build_s']:.1f}s, train {r['total_s']:.1f}s, "
               f"resume+bf16 {results['resume'][strategy]['total_s']:.1f}s, losses {r['losses']}")
@@ -279,3 +312,38 @@ def test_engine_model_serves_evaluation_calls(runs):
         for key in ("actions", "expected"):
             torch.testing.assert_close(runs["resume"][s][key], runs["resume"]["ddp"][key], rtol=1e-3, atol=1e-4,
                                        msg=f"{s} {key}")
+
+
+def test_a_pickle_planted_in_any_checkpoint_file_never_runs(runs, tmp_path):
+    """Every file of every strategy's checkpoint in turn holds a pickle that would create a marker file. With the
+    integrity record as written, verification names the file; with the record rewritten to match (an attacker
+    who can write the storage), the pickle-free readers still refuse every file anything reads."""
+    marker = tmp_path / "MARKER"
+    never_read = {"latest", "zero_to_fp32.py"}  # DeepSpeed's tag file (we pass the tag) and helper script
+    for s in STRATEGIES:
+        src = os.path.join(runs["root"], f"ckpt_{s}")
+        files = [os.path.relpath(os.path.join(d, n), src) for d, _, ns in os.walk(src) for n in ns]
+        assert files, s
+        for rel in files:
+            ckpt = str(tmp_path / f"{s}-{rel.replace('/', '_')}")
+            shutil.copytree(src, ckpt)
+            integrity.write_record(ckpt, 0)
+            plant_pickle(os.path.join(ckpt, rel), str(marker))
+            problem = integrity.verify(ckpt, 1)
+            assert problem and problem.startswith(rel + ":") and ("checksum" in problem or "bytes" in problem), \
+                (s, rel, problem)
+            integrity.write_record(ckpt, 0)  # the attacker rewrites the record too
+            problem = integrity.verify(ckpt, 1)
+            if os.path.basename(rel) in never_read:
+                assert problem is None, (s, rel, problem)
+            else:
+                assert problem and problem.startswith(rel + ":"), (s, rel, problem)
+                assert "refusing to unpickle" in problem or "does not parse" in problem or "not a readable" in problem, \
+                    (s, rel, problem)
+            assert not marker.exists(), (s, rel)
+            shutil.rmtree(ckpt)
+    # The DCP format holds no pickle at all; DeepSpeed's loader itself refuses one (reshard round).
+    assert not [f for s in ("ddp", "fsdp") for f in os.listdir(os.path.join(runs["root"], f"ckpt_{s}"))
+                if f.endswith((".distcp", ".metadata", ".pt"))]
+    assert "refusing to unpickle" in runs["reshard"]["hostile_zero2"], runs["reshard"]["hostile_zero2"]
+    assert not os.path.exists(os.path.join(runs["root"], "MARKER"))

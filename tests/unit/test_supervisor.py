@@ -3,6 +3,7 @@ a cluster: failures are real Ray Train exception objects, storage is a local dir
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -64,6 +65,53 @@ def test_old_failures_outside_the_window_do_not_count(tmp_path):
     attempt, calls = flaky([crash()])
     res = ResilienceConfig(max_failures_in_window=1, failure_window_s=3600)
     assert supervise(attempt, run_dir_url=str(tmp_path), resilience=res) == "done"
+
+
+def test_failures_of_an_earlier_invocation_do_not_use_up_this_ones_budget(tmp_path):
+    """A user re-runs after fixing a cause: 5 failures a minute ago are history, not this invocation's budget."""
+    recent = [{"time": time.time() - 60, "attempt": i, "error": "earlier run"} for i in range(5)]
+    (tmp_path / "failures.jsonl").write_text("".join(json.dumps(e) + "\n" for e in recent) + "not json\n")
+    attempt, calls = flaky([crash(), crash()])
+    res = ResilienceConfig(max_failures_in_window=2, failure_window_s=3600)
+    assert supervise(attempt, run_dir_url=str(tmp_path), resilience=res) == "done"
+    assert calls == [1, 2, 3]
+    log = [line for line in open(tmp_path / "failures.jsonl")]
+    assert len(log) == 7  # the history stays; the damaged line is dropped
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   OSError(errno.EDQUOT, "Disk quota exceeded"),
+                                   OSError(errno.EROFS, "Read-only file system")])
+def test_full_or_read_only_storage_stops_at_once_with_one_line(tmp_path, error):
+    attempt, calls = flaky([WorkerGroupError("upload", {0: error})])
+    with pytest.raises(RunFailedError) as info:
+        supervise(attempt, run_dir_url=str(tmp_path), resilience=ResilienceConfig())
+    assert calls == [1]
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path) in message and errno.errorcode[error.errno] in message, message
+    assert "no checkpoint was committed yet" in message
+
+
+def test_supervisor_survives_a_failure_log_it_cannot_write(tmp_path, capsys):
+    """The failures.jsonl write hits a full disk: the supervisor says so once and carries on with the restart."""
+    import data_loaders.storage as storage
+
+    real = storage.write_bytes_atomic
+
+    def full(fs, path, data):
+        if path.endswith("failures.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fs, path, data)
+
+    storage.write_bytes_atomic = full
+    try:
+        attempt, calls = flaky([crash()])
+        assert supervise(attempt, run_dir_url=str(tmp_path), resilience=ResilienceConfig()) == "done"
+    finally:
+        storage.write_bytes_atomic = real
+    assert calls == [1, 2]
+    out = capsys.readouterr().out
+    assert "could not record the failure (cannot write failures.jsonl at" in out and "ENOSPC" in out, out
 
 
 def test_total_failure_budget(tmp_path):
