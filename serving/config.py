@@ -64,11 +64,11 @@ class ServingConfig:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any], *, where: str = SERVING_FILE) -> ServingConfig:
+        """From serving.json; ValueError naming `where` and the field (unknown name, wrong type, bad value)."""
+        from checkpoints.json_fields import build
+
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(doc) - known)
         if unknown:
             raise ValueError(f"{where}: unknown serving settings {unknown}; known: {sorted(known)}")
-        try:
-            return cls(**doc)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{where}: {e}") from e
+        return build(cls, doc, where=where)

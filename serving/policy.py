@@ -34,21 +34,14 @@ def noise_seed(key: tuple[int, ...]) -> int:
 
 def read_serving_config(url: str, overrides: list[str] | None = None) -> ServingConfig:
     """serving.json of an export (defaults when the export predates it), with `key=value` overrides."""
+    from checkpoints.json_fields import load_json_object
     from trainer.overrides import apply_overrides
 
     fs, path = storage.resolve(url)
-    target = storage.join(path, SERVING_FILE)
-    cfg = ServingConfig.from_dict(json.loads(fs.cat_file(target)), where=f"{url}/{SERVING_FILE}") \
+    target, where = storage.join(path, SERVING_FILE), storage.join(url, SERVING_FILE)
+    cfg = ServingConfig.from_dict(load_json_object(fs.cat_file(target), where=where), where=where) \
         if fs.exists(target) else ServingConfig()
     return apply_overrides(cfg, list(overrides or []))
-
-
-def _model_type(local: str) -> str:
-    fs, path = storage.resolve(local)
-    doc = json.loads(fs.cat_file(storage.join(path, "config.json")))
-    if doc.get("type") == "xvla" and "model_type" not in doc:
-        return "xvla"  # a LeRobot X-VLA directory (XVLAPolicy.save_pretrained)
-    return doc.get("model_type", "pi_behavior")
 
 
 class ServingPolicy:
@@ -64,16 +57,17 @@ class ServingPolicy:
     def load(cls, url: str, *, name: str | None = None, overrides: list[str] | None = None,
              device: str = "cpu") -> ServingPolicy:
         """Load an export directory, s3:// prefix or models:/ URI (FileNotFoundError/ValueError name the fix)."""
-        from checkpoints.export import load_exported
+        from checkpoints.export_reader import load_pi_behavior, read_config
         from checkpoints.model_uri import resolve_model_url
 
         local = resolve_model_url(url)
         cfg = read_serving_config(local, overrides)
-        if _model_type(local) == "xvla":
+        doc = read_config(local)
+        if doc["model_type"] == "xvla" or doc.get("type") == "xvla":  # ours, X-VLA published; LeRobot
             from serving.policy_xvla import XVLAServingPolicy
 
             return XVLAServingPolicy.load(local, cfg, name=name or url, device=device)
-        model, norm, _, config = load_exported(local, device=device)
+        model, norm, _, config = load_pi_behavior(local, device=device)
         correction = None
         if norm.gripper_closure is None:
             log.warning("%s: norm_stats.json has no gripper-closure table (stats computed before it existed); the "

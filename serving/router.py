@@ -149,14 +149,14 @@ class ModelRouter:
     def validate(self) -> None:
         """Check every route points at a complete export (registry versions resolved), then load the first
         route's model: after this the server can answer. Raises naming the broken route."""
-        from checkpoints.export import read_export_state
+        from checkpoints.export_reader import read_state
 
         for route in self.routes:
             try:
                 if is_model_uri(route.url):
                     route.version = lookup(route.url).version
                 else:
-                    read_export_state(route.url)
+                    read_state(route.url)
             except (FileNotFoundError, ValueError) as e:
                 raise type(e)(f"model {route.name!r} ({route.url}): {e}") from e
         first = self.routes[0]

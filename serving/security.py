@@ -1,5 +1,11 @@
-"""The policy server's protection: optional API keys (the evaluator's `Authorization: Api-Key <key>` header), TLS,
-and bounds on message size, connection count and idle connections that the BEHAVIOR evaluator never hits."""
+"""The policy server's protection: optional API keys (the evaluator's `Authorization: Api-Key <key>` header), admin
+keys of their own for /admin/*, TLS, and bounds on message size, image size, connection count and idle connections
+that the BEHAVIOR evaluator never hits.
+
+Memory: websockets buffers no message ahead of the one being answered beyond one (`READ_AHEAD_MESSAGES`), so the
+server holds at most 2 messages per open connection, each at most `max_message_mb`, plus one decoded copy per
+decode worker: at most max_message_mb x (2 x max_connections + decode workers) for messages in flight.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,15 @@ import hmac
 import os
 import ssl
 
+from data_loaders.behavior_facts import MODEL_IMAGE_SIZE
+from serving.observation import DEFAULT_MAX_IMAGE_SIDE
+
 API_KEYS_ENV = "B1K_API_KEYS"  # comma-separated accepted keys
 API_KEYS_FILE_ENV = "B1K_API_KEYS_FILE"  # a file with one key per line (a mounted Kubernetes Secret)
+ADMIN_KEYS_ENV, ADMIN_KEYS_FILE_ENV = "B1K_ADMIN_KEYS", "B1K_ADMIN_KEYS_FILE"  # the same, for /admin/*
 FULL_RES_OBSERVATION_MB = 16  # three 720x720/480x480 RGBA frames plus proprio, msgpack-encoded
 MIN_KEY_CHARS = 16
+READ_AHEAD_MESSAGES = 0  # websockets' max_queue: reading pauses while a received message waits for the handler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,9 +30,12 @@ class SecurityConfig:
     """Limits and credentials of one server. Defaults admit the evaluator with room to spare."""
 
     api_keys: tuple[str, ...] = ()  # empty: no authentication (the server then listens on 127.0.0.1 by default)
+    admin_keys: tuple[str, ...] = ()  # empty: /admin/status and /admin/reload do not exist (404)
     max_message_mb: float = 64.0  # 4x a full-resolution observation
     max_connections: int = 64  # evaluator processes; each holds one connection for its whole run
     idle_timeout_s: float = 1800.0  # an evaluator between episodes (scene reset) stays well below this
+    max_image_side: int = DEFAULT_MAX_IMAGE_SIDE  # larger camera frames are a bad request
+    decode_workers: int = 2  # threads that decode and resize messages, off the event loop
     tls_cert: str | None = None
     tls_key: str | None = None
 
@@ -29,14 +43,22 @@ class SecurityConfig:
         if self.max_message_mb <= FULL_RES_OBSERVATION_MB:
             raise ValueError(f"max_message_mb={self.max_message_mb} would reject the evaluator's full-resolution "
                              f"observations (~{FULL_RES_OBSERVATION_MB} MB); use more than {FULL_RES_OBSERVATION_MB}")
-        if self.max_connections < 1 or self.idle_timeout_s <= 0:
-            raise ValueError("max_connections must be >= 1 and idle_timeout_s > 0")
+        if self.max_connections < 1 or self.idle_timeout_s <= 0 or self.decode_workers < 1:
+            raise ValueError("max_connections and decode_workers must be >= 1 and idle_timeout_s > 0")
+        if self.max_image_side < MODEL_IMAGE_SIZE:
+            raise ValueError(f"max_image_side={self.max_image_side} would reject the evaluator's {MODEL_IMAGE_SIZE}x"
+                             f"{MODEL_IMAGE_SIZE} frames; use at least {MODEL_IMAGE_SIZE} (default "
+                             f"{DEFAULT_MAX_IMAGE_SIDE}, sized for its 720x720 head camera)")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("TLS needs both --tls-cert and --tls-key (PEM files)")
-        for key in self.api_keys:
-            if len(key) < MIN_KEY_CHARS or any(c.isspace() for c in key):
-                raise ValueError(f"API keys must be at least {MIN_KEY_CHARS} characters without whitespace (one was "
-                                 f"{len(key)} characters); generate one with `openssl rand -hex 32`")
+        for kind, keys in (("API", self.api_keys), ("admin", self.admin_keys)):
+            for key in keys:
+                problem = key_problem(key)
+                if problem:
+                    raise ValueError(f"{kind} keys must be {problem}")
+        if set(self.api_keys) & set(self.admin_keys):
+            raise ValueError("an admin key is also a client API key: admin keys must be separate (a client could "
+                             "otherwise reload the server); generate one with `openssl rand -hex 32`")
 
     @property
     def max_message_bytes(self) -> int:
@@ -55,21 +77,58 @@ class SecurityConfig:
         return ctx
 
 
+def key_problem(key: str) -> str | None:
+    """What is wrong with a key, without showing any of it (keys end up in error messages and logs otherwise)."""
+    if len(key) < MIN_KEY_CHARS or any(c.isspace() for c in key):
+        return (f"at least {MIN_KEY_CHARS} characters without whitespace (one has {len(key)} characters); generate "
+                f"one with `openssl rand -hex 32`")
+    return None
+
+
+def _read_keys_file(path: str, source: str) -> list[str]:
+    """Keys of a file, one per line ('#' comments); one-line ValueError naming the file (never a key)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read the {source} {path}: {e.strerror}; check the path (a mounted Secret?)") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"the {source} {path} is not UTF-8 text (byte {e.start}): one key per line") from e
+    keys = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        problem = key_problem(line)
+        if problem:
+            raise ValueError(f"the {source} {path}, line {n}: a key must be {problem}")
+        keys.append(line)
+    if not keys:
+        raise ValueError(f"the {source} {path} holds no key: one key per line")
+    return keys
+
+
+def _load_keys(env_var: str, file_env_var: str, file: str | None, environ: dict[str, str] | None,
+               what: str) -> tuple[str, ...]:
+    env = os.environ if environ is None else environ
+    keys: list[str] = [k.strip() for k in env.get(env_var, "").split(",") if k.strip()]
+    path = file or env.get(file_env_var)
+    if path:
+        keys += _read_keys_file(path, f"{what} file" + ("" if file else f" (${file_env_var})"))
+    return tuple(dict.fromkeys(keys))
+
+
 def load_api_keys(*, file: str | None = None, environ: dict[str, str] | None = None) -> tuple[str, ...]:
     """Accepted keys from `file` (or $B1K_API_KEYS_FILE; one per line, '#' comments) and $B1K_API_KEYS
     (comma-separated). Empty when neither is set."""
-    env = os.environ if environ is None else environ
-    keys: list[str] = [k.strip() for k in env.get(API_KEYS_ENV, "").split(",") if k.strip()]
-    path = file or env.get(API_KEYS_FILE_ENV)
-    if path:
-        try:
-            with open(path) as f:
-                keys += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
-        except OSError as e:
-            raise ValueError(f"cannot read the API keys file {path}: {e.strerror}") from e
-        if not keys:
-            raise ValueError(f"the API keys file {path} holds no key: one key per line")
-    return tuple(dict.fromkeys(keys))
+    return _load_keys(API_KEYS_ENV, API_KEYS_FILE_ENV, file, environ, "API keys")
+
+
+def load_admin_keys(*, file: str | None = None, environ: dict[str, str] | None = None) -> tuple[str, ...]:
+    """Admin keys, as load_api_keys but from $B1K_ADMIN_KEYS / $B1K_ADMIN_KEYS_FILE / `file`."""
+    return _load_keys(ADMIN_KEYS_ENV, ADMIN_KEYS_FILE_ENV, file, environ, "admin keys")
 
 
 def authorized(header: str | None, keys: tuple[str, ...]) -> bool:

@@ -7,16 +7,24 @@ and `{"reset": true}` gets no reply and clears that connection's control state. 
 frame naming the problem, then close code 1011; other connections are not affected.
 
 Admin: `GET /admin/status` (JSON: models, resident set, batch sizes) and `GET /admin/reload` (re-resolve registry
-aliases; SIGHUP does the same), both without dropping connections.
+aliases; SIGHUP does the same), both without dropping connections. They exist only with admin keys configured
+(404 otherwise) and need `Authorization: Api-Key <admin key>`; a client API key does not open them.
 
-Security (serving/security.py): with API keys configured, everything but /healthz needs `Authorization: Api-Key
-<key>` (401 before the websocket upgrade otherwise); optional TLS; messages above the size cap close the connection
-with 1009, connections beyond the cap get 503, and a connection idle for too long is closed with 1001.
+Security (serving/security.py): with API keys configured, everything but /healthz and /admin/* needs
+`Authorization: Api-Key <key>` (401 before the websocket upgrade otherwise); optional TLS; messages above the size
+cap close the connection with 1009, connections beyond the cap get 503, and a connection idle for too long is
+closed with 1001.
+
+The event loop only moves bytes: decoding a message (msgpack, image checks, resizing) runs on a small thread pool
+and inference on the batcher's thread, so clients sending full-resolution frames do not hold up the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import errno
+import functools
 import http
 import itertools
 import json
@@ -33,10 +41,10 @@ from websockets.exceptions import ConnectionClosed
 from data_loaders.behavior_facts import NUM_TASKS
 from serving.batcher import InferenceBatcher
 from serving.control.session import ControlSession
-from serving.observation import parse_observation
+from serving.observation import Observation, decode
 from serving.router import ModelRouter
-from serving.security import SecurityConfig, authorized
-from serving.wire import ProtocolError, pack, unpack
+from serving.security import READ_AHEAD_MESSAGES, SecurityConfig, authorized
+from serving.wire import ProtocolError, pack
 from trainer import redact
 
 log = logging.getLogger(__name__)
@@ -51,7 +59,7 @@ class PolicyServer:
                  security: SecurityConfig | None = None) -> None:
         self.router, self.host, self.port = router, host, port
         self.security = security or SecurityConfig()
-        redact.REDACTOR.add(*self.security.api_keys)
+        redact.REDACTOR.add(*self.security.api_keys, *self.security.admin_keys)
         redact.protect_logger("websockets.server")  # its debug log prints request headers, Authorization included
         self.rejected = 0  # requests refused for a missing/wrong API key or the connection cap
         self.exit_on_startup_error = exit_on_startup_error
@@ -65,6 +73,8 @@ class PolicyServer:
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._decoder = concurrent.futures.ThreadPoolExecutor(self.security.decode_workers,
+                                                              thread_name_prefix="b1k-decode")
 
     # --- HTTP side --------------------------------------------------------------------------------------------
 
@@ -75,21 +85,14 @@ class PolicyServer:
                 return connection.respond(http.HTTPStatus.OK, "OK\n")
             why = f"failed: {self.startup_error}" if self.startup_error else "loading models"
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, f"not ready ({why})\n")
+        if path.startswith("/admin/"):
+            return await self._admin(connection, request, path)
         if not authorized(request.headers.get("Authorization"), self.security.api_keys):
             self.rejected += 1
             # Never log the header: a wrong key is often a real key of another service.
             log.warning("refused %s from %s: missing or invalid API key", path, connection.remote_address)
             return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or invalid API key: send the header "
                                       "'Authorization: Api-Key <key>' (the evaluator's api_key setting)\n")
-        if path == "/admin/status":
-            return connection.respond(http.HTTPStatus.OK, json.dumps(self.status()) + "\n")
-        if path == "/admin/reload":
-            try:
-                versions = await asyncio.get_running_loop().run_in_executor(None, self.router.reload)
-            except Exception as e:  # noqa: BLE001 - reported to the caller, serving goes on
-                log.exception("reload failed")
-                return connection.respond(http.HTTPStatus.INTERNAL_SERVER_ERROR, f"reload failed: {e}\n")
-            return connection.respond(http.HTTPStatus.OK, json.dumps({"versions": versions}) + "\n")
         if not self.ready:  # the evaluator retries its websocket connect until we are up
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
         if self.connections >= self.security.max_connections:
@@ -100,6 +103,24 @@ class PolicyServer:
                                       f"({self.connections} open, --max-connections {self.security.max_connections});"
                                       f" retry later\n")
         return None
+
+    async def _admin(self, connection: ServerConnection, request: Any, path: str):
+        if not self.security.admin_keys or path not in ("/admin/status", "/admin/reload"):
+            return connection.respond(http.HTTPStatus.NOT_FOUND, "not found (admin endpoints need an admin key: "
+                                      "--admin-keys-file or $B1K_ADMIN_KEYS_FILE)\n")
+        if not authorized(request.headers.get("Authorization"), self.security.admin_keys):
+            self.rejected += 1
+            log.warning("refused %s from %s: missing or invalid admin key", path, connection.remote_address)
+            return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or invalid admin key: send the header "
+                                      "'Authorization: Api-Key <admin key>' (client API keys do not open /admin)\n")
+        if path == "/admin/status":
+            return connection.respond(http.HTTPStatus.OK, json.dumps(self.status()) + "\n")
+        try:
+            versions = await asyncio.get_running_loop().run_in_executor(None, self.router.reload)
+        except Exception as e:  # noqa: BLE001 - reported to the caller, serving goes on
+            log.exception("reload failed")
+            return connection.respond(http.HTTPStatus.INTERNAL_SERVER_ERROR, f"reload failed: {e}\n")
+        return connection.respond(http.HTTPStatus.OK, json.dumps({"versions": versions}) + "\n")
 
     def status(self) -> dict[str, Any]:
         return {"ready": self.ready, "connections": self.connections, "errors": self.errors, "rejected": self.rejected,
@@ -113,11 +134,15 @@ class PolicyServer:
             return policy
         return await asyncio.get_running_loop().run_in_executor(None, self.router.get, task)
 
-    async def _step(self, session: ControlSession, msg: Any) -> dict[str, Any] | None:
-        if isinstance(msg, dict) and "reset" in msg:
+    async def _decode(self, message: bytes) -> Observation | None:
+        """Decode off the event loop: a 48 MB frame takes tens of ms of msgpack, checks and resizing."""
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, functools.partial(
+            decode, message, num_tasks=NUM_TASKS, max_image_side=self.security.max_image_side))
+
+    async def _step(self, session: ControlSession, obs: Observation | None) -> dict[str, Any] | None:
+        if obs is None:  # {"reset": true}
             session.reset()
             return None
-        obs = parse_observation(msg, num_tasks=NUM_TASKS)
         policy = await self._policy(obs.task)
         session.begin(obs.task, policy.info(obs.task))
         infer_ms = 0.0
@@ -147,7 +172,9 @@ class PolicyServer:
                 try:
                     if isinstance(message, str):
                         raise ProtocolError("text frames are not part of the protocol: send binary msgpack frames")
-                    reply = await self._step(session, unpack(message))
+                    obs = await self._decode(message)
+                    del message  # the observation holds only the resized images: free the frame now
+                    reply = await self._step(session, obs)
                 except Exception as e:  # noqa: BLE001 - bad input or a failed inference ends this connection only
                     await self._fail(ws, conn, e)
                     return
@@ -208,10 +235,15 @@ class PolicyServer:
     async def run(self, started: threading.Event | None = None) -> None:
         """Serve until stop(); `started` is set once the port is bound (self.port holds the real port)."""
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        try:
+            server = await serve(self._handler, self.host, self.port, compression=None,
+                                 max_size=self.security.max_message_bytes, max_queue=READ_AHEAD_MESSAGES,
+                                 ssl=self.security.ssl_context(), process_request=self._process_request,
+                                 ping_interval=60, ping_timeout=300)
+        except OSError as e:
+            raise ValueError(_bind_error(self.host, self.port, e)) from None  # the asyncio traceback says nothing
         self.batcher.start()
-        async with serve(self._handler, self.host, self.port, compression=None,
-                         max_size=self.security.max_message_bytes, ssl=self.security.ssl_context(),
-                         process_request=self._process_request, ping_interval=60, ping_timeout=300) as server:
+        async with server:
             self.port = server.sockets[0].getsockname()[1]
             if threading.current_thread() is threading.main_thread():
                 self._loop.add_signal_handler(signal.SIGHUP, lambda: self._loop.run_in_executor(
@@ -224,6 +256,7 @@ class PolicyServer:
             await self._stop.wait()
             warm.cancel()
         await self.batcher.stop()
+        self._decoder.shutdown(wait=False, cancel_futures=True)
 
     def serve_forever(self) -> None:
         """Serve until SIGTERM/SIGINT; re-raises the error if the models cannot be loaded."""
@@ -233,12 +266,21 @@ class PolicyServer:
 
     def start_background(self, timeout_s: float = 30.0) -> int:
         """Run in a daemon thread (tests, benchmarks); returns the bound port once listening."""
-        started = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self.run(started)), daemon=True,
-                                        name="b1k-policy-server")
+        started, failed = threading.Event(), []
+
+        def main() -> None:
+            try:
+                asyncio.run(self.run(started))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller below
+                failed.append(e)
+                started.set()
+
+        self._thread = threading.Thread(target=main, daemon=True, name="b1k-policy-server")
         self._thread.start()
         if not started.wait(timeout_s):
             raise RuntimeError(f"policy server did not start within {timeout_s} s")
+        if failed:
+            raise failed[0]
         return self.port
 
     def stop(self) -> None:
@@ -246,3 +288,12 @@ class PolicyServer:
             self._loop.call_soon_threadsafe(self._stop.set)
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+
+def _bind_error(host: str, port: int, e: OSError) -> str:
+    if e.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {host}:{port}: the port is already in use (another server?); stop it or choose "
+                f"another with --port")
+    if e.errno == errno.EACCES:
+        return f"cannot listen on {host}:{port}: permission denied; use a port above 1023 with --port"
+    return f"cannot listen on {host}:{port}: {e.strerror or e}; check --host and --port"

@@ -163,12 +163,13 @@ def _pipelines_epilog() -> str:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from serving.router import ModelRouter
-    from serving.security import SecurityConfig, load_api_keys
+    from serving.security import SecurityConfig, load_admin_keys, load_api_keys
     from serving.server import PolicyServer
 
-    security = SecurityConfig(api_keys=load_api_keys(file=args.api_keys_file), max_message_mb=args.max_message_mb,
+    security = SecurityConfig(api_keys=load_api_keys(file=args.api_keys_file),
+                              admin_keys=load_admin_keys(file=args.admin_keys_file), max_message_mb=args.max_message_mb,
                               max_connections=args.max_connections, idle_timeout_s=args.idle_timeout_s,
-                              tls_cert=args.tls_cert, tls_key=args.tls_key)
+                              max_image_side=args.max_image_side, tls_cert=args.tls_cert, tls_key=args.tls_key)
     security.ssl_context()  # a bad certificate is an error now, not at the first connection
     if args.host not in ("127.0.0.1", "localhost", "::1") and not security.api_keys:
         logging.getLogger("serving").warning(
@@ -332,11 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--api-keys-file", default=None, help="accepted API keys, one per line (also $B1K_API_KEYS, "
                      "comma-separated, and $B1K_API_KEYS_FILE); clients send 'Authorization: Api-Key <key>'; "
                      "/healthz stays open")
+    sec.add_argument("--admin-keys-file", default=None, help="keys for /admin/status and /admin/reload, one per line "
+                     "(also $B1K_ADMIN_KEYS, $B1K_ADMIN_KEYS_FILE), separate from the client keys; without one the "
+                     "admin endpoints are off (404)")
     sec.add_argument("--tls-cert", default=None, help="PEM certificate (chain) for wss://")
     sec.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     sec.add_argument("--max-message-mb", type=float, default=64.0,
                      help="larger messages close the connection (1009); full-resolution observations are ~16 MB")
-    sec.add_argument("--max-connections", type=int, default=64, help="more get HTTP 503 before the upgrade")
+    sec.add_argument("--max-image-side", type=int, default=1024, help="camera frames with a side above this (or of "
+                     "0) are a bad request; the evaluator sends 224x224, or 720x720 head and 480x480 wrists")
+    sec.add_argument("--max-connections", type=int, default=64, help="more get HTTP 503 before the upgrade; message "
+                     "memory is bounded by --max-message-mb x 2 per connection")
     sec.add_argument("--idle-timeout-s", type=float, default=1800.0,
                      help="close a connection that sent nothing for this long (1001)")
     sv.set_defaults(func=_cmd_serve)

@@ -225,7 +225,9 @@ def test_cli_serves_a_registry_alias_and_follows_it_on_sighup(artifacts, mlflow_
     client = MlflowClient(mlflow_server)
     assert _register(client, "serve-test", artifacts["a"]) == "1"
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "B1K_MODEL_CACHE": str(tmp_path / "cache")}
+    admin = {"Authorization": "Api-Key " + "admin-" + "ab" * 16}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "B1K_MODEL_CACHE": str(tmp_path / "cache"),
+           "B1K_ADMIN_KEYS": admin["Authorization"].split()[1]}
     proc = subprocess.Popen([sys.executable, "-m", "trainer", "serve", "--model", "models:/serve-test@champion",
                              "--port", str(port), "--set", "seed=3"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -237,7 +239,8 @@ def test_cli_serves_a_registry_alias_and_follows_it_on_sighup(artifacts, mlflow_
         proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            status = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/admin/status", timeout=5).read())
+            status = json.loads(urllib.request.urlopen(urllib.request.Request(
+                f"http://127.0.0.1:{port}/admin/status", headers=admin), timeout=5).read())
             if status["models"][0]["version"] == "2":
                 break
             time.sleep(0.2)
@@ -246,7 +249,8 @@ def test_cli_serves_a_registry_alias_and_follows_it_on_sighup(artifacts, mlflow_
         after = ev.act(observation(0))  # the same connection, now served by version 2
         # The admin endpoint does the same as SIGHUP, and answers with the versions now served.
         assert _register(client, "serve-test", artifacts["a"]) == "3"
-        reloaded = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/admin/reload", timeout=30).read())
+        reloaded = json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{port}/admin/reload", headers=admin), timeout=30).read())
         assert reloaded == {"versions": {"serve-test@champion": "3"}}
         ev.reset()
         third = ev.act(observation(0))
