@@ -21,12 +21,12 @@ Conventions (pi_behavior §2.2-2.4):
 - actions mean/std/q01/q99 are over single-step rows (every step of every used chunk, 23 dims);
   per_timestamp_* are over chunks per (step, dim), zero-padded from 23 to 32 dims.
 - Padded dims 23..31 have per-timestamp mean 0 and std 1 (openpi's padding convention).
-- Constant coordinates are treated like padding: any coordinate whose std is below CONSTANT_STD (e.g. the trunk
-  dim 6, or a gripper that a small stats sample never sees move) stores std = 1, not ~0. With the normalizer's
-  (x - mean) / (std + 1e-6) the constant still maps to 0, but a value the stats sample did not contain stays
-  O(1) instead of being blown up by 1e6, and the correlation gives such coordinates i.i.d. noise anyway.
-  (The reference stores the ~0 std, so its un-normalized output snaps to the mean there; here the model's
-  output for such a dim, trained towards 0, is added at scale 1.)
+- Constant coordinates (std below CONSTANT_STD: the trunk dim 6, or a gripper that a small stats sample never sees
+  move) store their measured ~0 std, as the reference does. data_loaders.transforms.Normalizer owns the rule for
+  them: normalising gives exactly 0 (not (x - mean) * 1e6 for a value the stats sample did not contain) and
+  un-normalising gives exactly the mean, whatever the model outputs there (the reference's (std + 1e-6) scale
+  snaps to the mean too). The correlation gives such coordinates i.i.d. noise. Stats written before this rule
+  stored std = 1 there; they still load, but their constant coordinates are not recognised (recompute them).
 - state q01/q99 are true percentiles; the reference stores min/max under those names, so min/max are kept too.
 - The correlation Cholesky factor L satisfies L @ L.T = C + jitter * I, with C the correlation of the flattened
   (30 * 32) delta chunk and identity rows/cols for constant coordinates (padded dims, dim 6).
@@ -51,9 +51,18 @@ CONSTANT_STD = 1e-6  # std below this = a constant coordinate (the reference's t
 FLAT_DIM = ACTION_HORIZON * MODEL_DIM  # 960
 
 
-def std_or_one(std: np.ndarray) -> np.ndarray:
-    """The stored std: `std`, except 1.0 for constant coordinates (std < CONSTANT_STD)."""
-    return np.where(std < CONSTANT_STD, 1.0, std)
+def stored_std(std: np.ndarray) -> np.ndarray:
+    """The std as stored: the measured one, constant coordinates included (see the module docstring)."""
+    return np.asarray(std, dtype=np.float64)
+
+
+std_or_one = stored_std  # the old name (constant coordinates used to store 1), still imported by stats.py
+
+
+def is_constant(std: np.ndarray) -> np.ndarray:
+    """True where a stored std marks a constant coordinate."""
+    return np.asarray(std) < CONSTANT_STD
+
 
 def _same_counts(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
@@ -125,8 +134,8 @@ class NormStats:
             a.setflags(write=False)
             object.__setattr__(self, name, a)
         for name in ("state_std", "action_std", "per_timestep_std"):
-            if np.any(getattr(self, name) <= 0):
-                raise ValueError(f"{name} must be positive (constant coordinates store std 1)")
+            if np.any(getattr(self, name) < 0):
+                raise ValueError(f"{name} must be >= 0")
         chol = self.action_correlation_cholesky
         if np.any(np.triu(chol, 1) != 0) or np.any(np.diag(chol) <= 0):
             raise ValueError("action_correlation_cholesky is not lower triangular with a positive diagonal")

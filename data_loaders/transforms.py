@@ -3,7 +3,8 @@
 Input side: delta actions on the DELTA_ACTION_MASK dims w.r.t. the current state (same s_t for all 30 steps),
 zero-pad to 32, per-timestep z-score with the [30, 32] stats; state z-scored with global stats and padded to 32.
 Output side (serving): unnormalize, add the *unnormalized* state back on the delta dims, truncate to 23.
-Normalization stats come from norm_stats.json, which travels inside every checkpoint.
+Normalization stats come from norm_stats.json, which travels inside every checkpoint. Constant coordinates
+(stored std < CONSTANT_STD) normalise to exactly 0 and un-normalise to exactly their mean.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from data_loaders.behavior_facts import (
     SKILL_INDEX,
     STATE_DIM,
 )
+from data_loaders.norm_stats import is_constant
 
 NORM_EPS = 1e-6  # (x - mean) / (std + eps), as in the reference implementation
 
@@ -73,18 +75,25 @@ class Normalizer:
                    np.asarray(stats.per_timestep_mean, np.float32), np.asarray(stats.per_timestep_std, np.float32))
 
     def state(self, state: np.ndarray) -> np.ndarray:
-        """Raw (..., 23) -> normalised, padded (..., 32)."""
+        """Raw (..., 23) -> normalised, padded (..., 32); constant dims give 0."""
         z = (np.asarray(state, np.float32) - self.state_mean) / (self.state_std + NORM_EPS)
+        z = np.where(is_constant(self.state_std), np.float32(0.0), z)
         return pad_last(z.astype(np.float32))
 
     def actions(self, actions: np.ndarray, state: np.ndarray) -> np.ndarray:
-        """Absolute (..., 30, 23) + raw state (..., 23) -> normalised padded deltas (..., 30, 32)."""
+        """Absolute (..., 30, 23) + raw state (..., 23) -> normalised padded deltas (..., 30, 32); constant
+        coordinates give 0."""
         d = pad_last(to_delta(actions, state))
-        return ((d - self.action_mean) / (self.action_std + NORM_EPS)).astype(np.float32)
+        z = (d - self.action_mean) / (self.action_std + NORM_EPS)
+        return np.where(is_constant(self.action_std), np.float32(0.0), z).astype(np.float32)
 
     def unnormalize_actions(self, actions: np.ndarray, state: np.ndarray) -> np.ndarray:
-        """Normalised (..., 30, 32) model output + raw state (..., 23) -> absolute (..., 30, 23)."""
+        """Normalised (..., 30, 32) model output + raw state (..., 23) -> absolute (..., 30, 23).
+
+        Constant coordinates get exactly their mean (then the state on delta dims), whatever the model output.
+        """
         d = np.asarray(actions, np.float32) * (self.action_std + NORM_EPS) + self.action_mean
+        d = np.where(is_constant(self.action_std), self.action_mean, d).astype(np.float32)
         return to_absolute(d[..., :ACTION_DIM], state)
 
 

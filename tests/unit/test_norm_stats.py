@@ -57,7 +57,7 @@ def _corrupt(stats: NormStats, tmp_path, edit) -> str:
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d["norm_stats"]["actions"]["per_timestamp_mean"].pop(), r"per_timestep_mean has shape \(29, 32\)"),
     (lambda d: d["norm_stats"]["state"]["std"].__setitem__(3, float("nan")), "state_std has non-finite"),
-    (lambda d: d["norm_stats"]["actions"].__setitem__("std", [0.0] * 23), "action_std must be positive"),
+    (lambda d: d["norm_stats"]["actions"].__setitem__("std", [-1.0] * 23), "action_std must be >= 0"),
     (lambda d: d["norm_stats"]["state"].pop("q99"), "missing field 'q99'"),
     (lambda d: d["meta"].__setitem__("version", 99), "unsupported norm stats format"),
     (lambda d: d["norm_stats"]["actions"]["action_correlation_cholesky"][0].__setitem__(5, 1.0),
@@ -201,3 +201,44 @@ def test_correlation_cholesky_raises_jitter_for_a_singular_matrix():
     x = np.hstack([x, -x])  # perfectly anti-correlated: C is singular, and rounding can make it indefinite
     chol, jitter = correlation_cholesky(np.cov(x, rowvar=False, ddof=0), x.std(0))
     assert jitter >= 1e-6 and np.all(np.isfinite(chol))
+
+
+def test_constant_action_dims_denormalise_to_exactly_the_mean():
+    """The stats pass stores a constant coordinate's ~0 std; the Normalizer (training and serving) maps it to 0
+    and back to exactly the mean, whatever the model outputs there (the reference: (std + 1e-6) * x + mean)."""
+    from data_loaders.behavior_facts import DELTA_ACTION_MASK
+    from data_loaders.transforms import Normalizer
+
+    trunk6, gripper, delta_dim = 6, 14, 8  # absolute constant dims, and a delta dim that is a constant offset
+    assert not DELTA_ACTION_MASK[trunk6] and not DELTA_ACTION_MASK[gripper] and DELTA_ACTION_MASK[delta_dim]
+    rng = np.random.default_rng(0)
+    acc = StatsAccumulator(sample_fraction=1.0, seed=0, max_quantile_samples=100)
+    for f in range(80):
+        state = rng.normal(size=STATE_DIM).astype(np.float32)
+        actions = rng.normal(size=(ACTION_HORIZON, ACTION_DIM)).astype(np.float32)
+        actions[:, trunk6], actions[:, gripper] = 0.37, -1.0
+        actions[:, delta_dim] = state[delta_dim] + np.float32(0.125)
+        acc.add(episode=0, frame=f, state=state, actions=actions, action_mask=np.ones(ACTION_HORIZON, bool))
+    stats = acc.finalize(manifest_sha256="x")
+    stats = NormStats.from_json(stats.to_json())  # what a checkpoint carries
+    for d in (trunk6, gripper, delta_dim):
+        assert np.all(stats.per_timestep_std[:, d] < CONSTANT_STD), d
+    assert np.all(stats.per_timestep_std[:, :ACTION_DIM][:, [5, 7, 20]] > 0.5)  # live dims untouched
+
+    norm = Normalizer.from_norm_stats(stats)
+    state = rng.normal(size=(4, STATE_DIM)).astype(np.float32)
+    model_out = rng.normal(size=(4, ACTION_HORIZON, MODEL_DIM)).astype(np.float32) * 3.0  # any residual
+    raw = norm.unnormalize_actions(model_out, state)
+    mean = norm.action_mean  # float32 (30, 32)
+    assert np.array_equal(raw[..., trunk6], np.broadcast_to(mean[:, trunk6], (4, ACTION_HORIZON)))
+    assert np.array_equal(raw[..., gripper], np.broadcast_to(mean[:, gripper], (4, ACTION_HORIZON)))
+    assert np.all(raw[..., trunk6] == np.float32(0.37)) and np.all(raw[..., gripper] == -1.0)
+    assert np.array_equal(raw[..., delta_dim], state[:, None, delta_dim] + mean[None, :, delta_dim])
+    # Live dims keep the usual affine map; normalising a constant coordinate gives exactly 0, even off the mean.
+    assert not DELTA_ACTION_MASK[0]
+    np.testing.assert_allclose(raw[..., 0], model_out[..., 0] * (norm.action_std[:, 0] + 1e-6) + mean[:, 0],
+                               rtol=1e-6)
+    seen = raw.copy()
+    seen[..., trunk6] += 0.01  # a value the stats never contained
+    z = norm.actions(seen, state)
+    assert np.all(z[..., [trunk6, gripper, delta_dim]] == 0.0)
