@@ -130,8 +130,10 @@ def detect_layout(path: str) -> tuple[str, dict[str, Any]]:
                       for f in ("model.safetensors", "model.safetensors.index.json"))
     if isinstance(doc, dict) and has_weights:
         if doc.get("model_type") == "xvla" and "b1k" in doc:
-            if os.path.isfile(os.path.join(path, "state.json")):
-                return LAYOUT_OURS, doc
+            if not os.path.isfile(os.path.join(path, "state.json")):
+                raise XVLAWeightError(f"{path}: an incomplete b1k-train X-VLA checkpoint (no state.json, which is "
+                                      f"written last)")
+            return LAYOUT_OURS, doc
         elif doc.get("model_type") == "xvla":
             return LAYOUT_PUBLISHED, doc
         elif doc.get("type") == "xvla" and "model_type" not in doc:

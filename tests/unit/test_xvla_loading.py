@@ -36,6 +36,10 @@ def test_lerobot_dir_from_s3(s3_bucket, s3fs_client):
     assert remote.cfg == local.cfg and remote.load_report.kept == local.load_report.kept
     for k in local.load_report.kept:
         assert torch.equal(remote.state_dict()[k], local.state_dict()[k]), k
+    from serving.policy import ServingPolicy  # b1k-train serve --model s3://...
+
+    served = ServingPolicy.load(url)
+    assert served.model.load_report.kept == local.load_report.kept
 
 
 def test_init_from_lerobot_dir_fills_the_tiny_recipe_model():
