@@ -297,9 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("model", help="export directory, s3:// URL or models:/NAME@ALIAS")
     ev.add_argument("--data", required=True, help="manifest directory (shards or a pipeline eval view)")
     ev.add_argument("--tasks", type=_int_list, default=None, help="comma-separated task ids (default: all)")
-    ev.add_argument("--batch-size", type=int, default=32)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--num-inference-steps", type=int, default=0, help="sampler steps (0 = the model's)")
+    from trainer.pipeline_config import EvalConfig
+
+    defaults = EvalConfig()  # the pipeline's, so that this reproduces a registered version's eval tags
+    ev.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                    help="samples per forward pass (speed and memory only: the metrics do not depend on it)")
+    ev.add_argument("--seed", type=int, default=defaults.seed,
+                    help="noise seed; each sample's noise is keyed by (seed, task, episode, frame)")
+    ev.add_argument("--num-inference-steps", type=int, default=defaults.num_inference_steps,
+                    help="sampler steps (0 = the model's)")
     ev.add_argument("--out", default=None, help="also write the full result JSON here")
     ev.set_defaults(func=_cmd_eval)
 

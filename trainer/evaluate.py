@@ -9,7 +9,9 @@ training mean is 0, so the mean-action baseline predicts 0 everywhere. For each 
     stage_acc                  the stage head's argmax against the time-based stage label
 
 and the same under "baseline" (stage: the task's most frequent held-out label, an optimistic constant guess).
-Actions come from the policy's own sampler (what the server runs), with a seeded noise generator per batch.
+Actions come from the policy's own sampler (what the server runs). Each sample's noise comes from a generator seeded
+by (seed, task, episode, frame), so the numbers do not depend on the batch size, the order of the samples or which
+other samples share a batch (the policy server keys its noise by request the same way).
 
 Models trained on different data normalise differently. To compare two of them, `units_of` expresses one model's
 errors in the other's normalised units (exact: normalisation is affine per horizon step and dim), while each
@@ -18,9 +20,10 @@ model still sees inputs normalised its own way.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -37,6 +40,24 @@ GROUPS: dict[str, list[int]] = {
     "grippers": [*range(*ACTION_GROUPS["left_gripper"].indices(ACTION_DIM)),
                  *range(*ACTION_GROUPS["right_gripper"].indices(ACTION_DIM))],
 }
+
+
+def sample_seed(seed: int, task: int, episode: int, frame: int) -> int:
+    """A 63-bit generator seed that is a pure function of the evaluation seed and the sample's identity."""
+    digest = hashlib.blake2b(f"{seed}/{task}/{episode}/{frame}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def keyed_noise(draw: Callable[[torch.Generator], torch.Tensor], batch: dict[str, torch.Tensor], *, seed: int,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B, ...) sampler noise whose row i is `draw(generator)` (one sample, leading dim 1) from a generator seeded by
+    sample i's (task, episode, frame): a sample gets the same noise in any batch, at any position.
+
+    pi-behavior: draw = lambda g: model.noise.sample((1,), generator=g) (device: model.noise.chol_reg.device);
+    X-VLA: draw = lambda g: torch.randn((1, cfg.num_actions, cfg.max_action_dim), generator=g, device=device).
+    """
+    keys = zip(batch["task"].tolist(), batch["episode"].tolist(), batch["frame"].tolist())
+    return torch.cat([draw(torch.Generator(device=device).manual_seed(sample_seed(seed, *k))) for k in keys])
 
 
 @torch.no_grad()
@@ -127,13 +148,13 @@ def evaluate_model(model, loader, *, tasks: set[int] | None = None, seed: int = 
     """Per-task and overall metrics of `model` over one pass of `loader` (a finite, non-augmented StreamLoader).
 
     Samples of tasks outside `tasks` are ignored. `units` = unit_conversion(...) reports errors in other units.
-    Deterministic for a fixed loader order and seed.
+    Deterministic for a seed, whatever the loader's batch size and order (noise is keyed by sample: keyed_noise).
     """
     model.eval()
     horizon = model.cfg.action_horizon
     acc: dict[int, _TaskAccumulator] = {}
     t0, n = time.perf_counter(), 0
-    for i, batch in enumerate(loader):
+    for batch in loader:
         task = batch["task"]
         keep = torch.ones_like(task, dtype=torch.bool) if tasks is None else \
             torch.tensor([int(t) in tasks for t in task.tolist()])
@@ -141,8 +162,9 @@ def evaluate_model(model, loader, *, tasks: set[int] | None = None, seed: int = 
             continue
         batch = {k: (v[keep].to(device) if torch.is_tensor(v) and v.shape[:1] == keep.shape else v)
                  for k, v in batch.items()}
-        pred, logits = model.sample_actions(batch, num_steps=num_inference_steps or None,
-                                            generator=torch.Generator(device=device).manual_seed(seed * 100_003 + i))
+        noise_device = model.noise.chol_reg.device
+        noise = keyed_noise(lambda g: model.noise.sample((1,), generator=g), batch, seed=seed, device=noise_device)
+        pred, logits = model.sample_actions(batch, num_steps=num_inference_steps or None, noise=noise)
         pred = pred[..., :ACTION_DIM].float().cpu().numpy()
         target = batch["actions"][..., :ACTION_DIM].float().cpu().numpy()
         if units is not None:

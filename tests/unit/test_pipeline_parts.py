@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.evaluate import GROUPS, evaluate_model, unit_conversion
+from trainer.evaluate import GROUPS, evaluate_model, keyed_noise, unit_conversion
 from trainer.overrides import apply_overrides
 from trainer.pipeline import concurrent_slots
 from trainer.pipeline_config import PipelineConfig, SubsetSpec
@@ -68,11 +68,13 @@ class _OffsetPolicy:
     even samples only."""
 
     cfg = SimpleNamespace(action_horizon=30)
+    noise = SimpleNamespace(chol_reg=torch.zeros(1), sample=lambda shape, generator: torch.randn(
+        (*shape, 30, 32), generator=generator))
 
     def eval(self):
         return self
 
-    def sample_actions(self, batch, num_steps=None, generator=None):
+    def sample_actions(self, batch, num_steps=None, noise=None):
         pred = batch["actions"].clone()
         pred[..., GROUPS["base"]] += 0.5
         logits = torch.zeros(len(batch["stage"]), 4)
@@ -90,7 +92,8 @@ def test_evaluation_numbers_per_task_step_group_and_baseline():
         mask = torch.ones(4, 30, dtype=torch.bool)
         mask[:, 20:] = False  # padded tail of an episode: never counted
         batches.append({"task": torch.tensor([0, 0, 40, 40]), "stage": torch.tensor([0, 1, 2 if i == 0 else 1, 1]),
-                        "actions": actions, "action_mask": mask})
+                        "actions": actions, "action_mask": mask, "episode": torch.tensor([0, 0, 1, 1]),
+                        "frame": torch.tensor([2 * i, 2 * i + 1, 2 * i, 2 * i + 1])})
     out = evaluate_model(_OffsetPolicy(), batches, tasks={0, 40})
     for task in ("0", "40"):
         r = out["tasks"][task]
@@ -111,6 +114,47 @@ def test_evaluation_numbers_per_task_step_group_and_baseline():
     assert list(only["tasks"]) == ["40"]
     with pytest.raises(ValueError, match="no samples of tasks \\[7\\]"):
         evaluate_model(_OffsetPolicy(), batches, tasks={7})
+
+
+def _eval_samples(n: int) -> dict[str, torch.Tensor]:
+    """n held-out-like samples of tasks 0 and 40 (two episodes each), as the eval StreamLoader yields them."""
+    g = torch.Generator().manual_seed(1)
+    return {"images": torch.randint(0, 256, (n, 3, 224, 224, 3), dtype=torch.uint8, generator=g),
+            "state": torch.randn(n, 32, generator=g), "actions": torch.randn(n, 30, 32, generator=g),
+            "action_mask": torch.ones(n, 30, dtype=torch.bool), "task": torch.tensor([0, 40] * (n // 2)),
+            "stage": torch.randint(0, 5, (n,), generator=g), "episode": torch.arange(n) % 4,
+            "frame": torch.arange(n) // 4}
+
+
+def test_evaluation_does_not_depend_on_the_batch_size_or_order():
+    """A tiny pi-behavior on 16 samples in batches of 1, 8 (in reverse order) and 32 (all at once): every number
+    agrees to 1e-6, because each sample's noise is keyed by (seed, task, episode, frame), not by batch or position."""
+    from models.pi_behavior.config import tiny
+    from models.pi_behavior.model import PiBehavior
+
+    torch.manual_seed(0)
+    model = PiBehavior(tiny()).eval()
+    data = _eval_samples(16)
+
+    def batches(size: int, order: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        return [{k: v[order[i:i + size]] for k, v in data.items()} for i in range(0, len(order), size)]
+
+    def flat(result) -> list[float]:
+        rows = [result["overall"], *result["tasks"].values()]
+        return [v for r in rows for v in (r["action_mse"], r["stage_acc"], *r["action_mse_per_step"],
+                                          *r["action_mse_per_group"].values())]
+
+    ordered, reverse = torch.arange(16), torch.arange(15, -1, -1)
+    runs = {size: flat(evaluate_model(model, batches(size, order), num_inference_steps=2))
+            for size, order in ((1, ordered), (8, reverse), (32, ordered))}
+    for size in (1, 8):
+        assert runs[size] == pytest.approx(runs[32], rel=1e-6, abs=1e-9), size
+    # The noise itself: a sample's row is the same alone as inside a batch, and the seed reaches it.
+    draw = model.noise.sample
+    full = keyed_noise(lambda g: draw((1,), generator=g), data, seed=0)
+    alone = keyed_noise(lambda g: draw((1,), generator=g), {k: v[5:6] for k, v in data.items()}, seed=0)
+    assert torch.equal(full[5:6], alone)
+    assert not torch.equal(keyed_noise(lambda g: draw((1,), generator=g), data, seed=1), full)
 
 
 def test_unit_conversion_is_exact_between_two_normalisations():
