@@ -349,8 +349,8 @@ def build_engine(strategy: str, model_fn: Callable[[], nn.Module], *, init_fn: C
     names; groups are re-resolved by name after wrapping) -> activation checkpointing -> strategy:
     - ddp: `init_fn` -> DistributedDataParallel (bf16 = autocast, fp32 weights and gradients);
     - fsdp: `fully_shard` each `transformer_blocks()` element, then the root (bf16 = MixedPrecisionPolicy with
-      fp32 reduction; the model's optional `fp32_modules()` get their own fp32 units) -> `init_fn` on the sharded
-      model (plain tensors act as replicated: implicit_replication);
+      fp32 reduction; the model's optional `fp32_modules()` get their own fp32 units, and its root inputs are then
+      not cast) -> `init_fn` on the sharded model (plain tensors act as replicated: implicit_replication);
     - zero1/2/3: `init_fn` -> `deepspeed.initialize` with a generated config and the client optimizer.
     `init_fn` must materialize (`to_empty`) and initialize/load; it runs after `torch.manual_seed(seed)`.
     Group dicts reach `optimizer_fn` unchanged apart from "params" (keys such as trainer/optim.py's "freeze"
@@ -390,14 +390,18 @@ def build_engine(strategy: str, model_fn: Callable[[], nn.Module], *, init_fn: C
               if precision == "bf16" else MixedPrecisionPolicy())
         for block in model.transformer_blocks():
             fully_shard(block, mesh=mesh, mp_policy=mp)
-        if precision == "bf16":
-            # The model's fp32 islands (e.g. KV-mixing coefficients, action projections) keep fp32 parameters and
-            # compute on their inputs as given; they cast internally.
+        root_mp = mp
+        if precision == "bf16" and hasattr(model, "fp32_modules"):
+            # The model's fp32 islands (e.g. KV-mixing coefficients, action projections) keep fp32 parameters. Such
+            # a model casts to its parameters' dtype itself, so its inputs stay as given: fp32 action targets and
+            # states are not rounded to bf16 at the root.
             keep = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
                                         cast_forward_inputs=False)
-            for module in getattr(model, "fp32_modules", list)():
+            for module in model.fp32_modules():
                 fully_shard(module, mesh=mesh, mp_policy=keep)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+            root_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                           cast_forward_inputs=False)
+        fully_shard(model, mesh=mesh, mp_policy=root_mp)
         for method in forward_methods:
             if hasattr(model, method):
                 register_fsdp_forward_method(model, method)

@@ -153,16 +153,17 @@ def test_fsdp_bf16_keeps_island_parameters_fp32(gloo_world_of_one):
     seen: dict[str, torch.dtype] = {}
 
     def record(name, get):
-        def hook(module, args):  # runs after FSDP's own pre-forward hook has unsharded the parameters
-            seen[name] = get(module).dtype
+        def hook(module, args) -> None:  # runs after FSDP's own pre-forward hook (unshard, input casts)
+            seen[name] = get(module, args).dtype
         return hook
 
-    watched = {"kv_transform": (model.kv_transform, lambda m: m.k_coeffs),
-               "action_in_proj": (model.action_in_proj, lambda m: m.weight),
-               "action_out_proj": (model.action_out_proj, lambda m: m.weight),
-               "time_embedding": (model.time_embedding, lambda m: m.time_mlp_in.weight),
-               "task_stage": (model.task_stage, lambda m: m.gate_task.weight),
-               "vlm_layers.0": (model.vlm_layers[0], lambda m: m.self_attn.q_proj.weight)}
+    watched = {"kv_transform": (model.kv_transform, lambda m, a: m.k_coeffs),
+               "action_in_proj": (model.action_in_proj, lambda m, a: m.weight),
+               "action_out_proj": (model.action_out_proj, lambda m, a: m.weight),
+               "time_embedding": (model.time_embedding, lambda m, a: m.time_mlp_in.weight),
+               "task_stage": (model.task_stage, lambda m, a: m.gate_task.weight),
+               "vlm_layers.0": (model.vlm_layers[0], lambda m, a: m.self_attn.q_proj.weight),
+               "actions": (model, lambda m, a: a[0]["actions"])}
     hooks = [module.register_forward_pre_hook(record(name, get)) for name, (module, get) in watched.items()]
     engine.train()
     engine.forward_backward(make_batch(fast=False), generator=torch.Generator().manual_seed(1), is_last_micro=True)
@@ -171,7 +172,8 @@ def test_fsdp_bf16_keeps_island_parameters_fp32(gloo_world_of_one):
         h.remove()
     assert seen == {"kv_transform": torch.float32, "action_in_proj": torch.float32, "action_out_proj": torch.float32,
                     "time_embedding": torch.float32, "task_stage": torch.float32,
-                    "vlm_layers.0": BF16}  # the bf16 policy is on for the backbone
+                    "vlm_layers.0": BF16,  # the bf16 policy is on for the backbone
+                    "actions": torch.float32}  # flow targets are not rounded to bf16 at the root
     full = engine.full_model_state_dict()
     c = full["kv_transform.k_coeffs"]
     assert c.dtype == torch.float32 and c[0, 0] != 0.999 and abs(float(c[0, 0]) - 0.999) <= 1.01e-5
