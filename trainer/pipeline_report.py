@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import textwrap
 import time
 from typing import Any
 
 from data_loaders import storage
-from trainer.eval_report import format_table, heatmap_png, task_rows
+from trainer.eval_report import LEGEND, format_table, heatmap_png, task_rows
 from trainer.pipeline_data import read_json, write_json
 
 MAPPING_NAME = "task_checkpoint_mapping.json"
@@ -85,7 +86,8 @@ def report(pipe, stages, data, results: dict[str, dict[str, Any]], versions: dic
         client.log_batch(run_id, metrics=[Metric(f"eval/{stage}/action_mse", r["overall"]["action_mse"], now, 0)
                                           for stage, r in results.items()])
         client.set_terminated(run_id, "FINISHED")
-    pipe.out("\n== held-out evaluation (normalised action MSE per task; lower is better)\n" + table)
+    pipe.out("\n== held-out evaluation (normalised action MSE per task; lower is better)\n" + table + "\n"
+             + textwrap.fill(LEGEND, 116))
     return {"pipeline": pipe.name, "recipe": cfg.recipe, "root": pipe.root, "tracking_uri": pipe.tracking_uri,
             "mlflow_run_id": run_id, "trained": trained, "timings": pipe.timings, "models": versions,
             "mapping": mapping_url, "heatmap": storage.join(eval_dir, "heatmap.png"), "eval_table": rows,

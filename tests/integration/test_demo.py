@@ -23,7 +23,8 @@ def test_demo_runs_the_pipeline_registers_promotes_and_reports(tmp_path):
     for model in ("pi-behavior-debug-ckpt1", "pi-behavior-debug-ckpt4"):
         assert re.search(rf"{model}\s+v1\s+aliases=challenger,champion", text), text[-3000:]
     assert re.search(r"pi-behavior-debug-pretrain\s+v1\s+aliases=challenger ", text)
-    assert re.search(r"task\s+model\s+mse\s+base_mse", text)
+    assert re.search(r"task\s+model\s+mse\s+mean_action_mse\s+mse_ratio\s+robot_base", text)
+    assert "what the numbers mean: a tiny model trained 4 + 2 steps" in text
     assert f"task -> checkpoint mapping: {root}/task_checkpoint_mapping.json" in text
     mapping = json.loads((root / "task_checkpoint_mapping.json").read_text())
     assert sorted(t for c in mapping["checkpoints"].values() for t in c["tasks"]) == [0, 1, 40]

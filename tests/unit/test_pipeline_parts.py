@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from trainer.eval_report import ACCURACY_COLUMNS, format_table, heatmap_figure, task_rows
 from trainer.evaluate import GROUPS, evaluate_model, keyed_noise, unit_conversion
 from trainer.overrides import apply_overrides
 from trainer.pipeline import concurrent_slots
@@ -171,3 +172,42 @@ def test_unit_conversion_is_exact_between_two_normalisations():
     xb = (raw - b.per_timestep_mean[:, :23]) / (b.per_timestep_std[:, :23] + 1e-6)
     scale, shift = unit_conversion(a, b)
     np.testing.assert_allclose(xa * scale + shift, xb, rtol=1e-4, atol=1e-4)
+
+
+def _task_result(mse: float, acc: float) -> dict:
+    return {"num_samples": 24, "action_mse": mse, "stage_acc": acc, "baseline": {"action_mse": 1.0, "stage_acc": 0.4},
+            "action_mse_per_group": {"base": 1.3 * mse, "torso": 0.8 * mse, "arms": mse, "grippers": 0.05 * mse}}
+
+
+def test_heatmap_has_colour_bars_one_direction_and_unambiguous_columns():
+    import matplotlib.pyplot as plt
+
+    results = {"ckpt1": {"tasks": {"0": _task_result(3.0, 0.3)}}, "ckpt4": {"tasks": {"40": _task_result(0.5, 0.9)}},
+               "pretrain": {"tasks": {"0": _task_result(3.5, 0.2), "40": _task_result(1.5, 0.3)}}}
+    rows = task_rows(results, {0: "ckpt1", 40: "ckpt4"}, reference="pretrain")
+    expected = ["mse", "mean_action_mse", "mse_ratio", "robot_base", "torso", "arms", "grippers", "stage_acc",
+                "majority_acc", "pretrain_mse"]
+    assert format_table(rows).split("\n")[0].split() == ["task", "model", *expected]
+    assert rows[0]["robot_base"] == pytest.approx(3.9) and rows[0]["mean_action_mse"] == 1.0
+    fig = heatmap_figure(rows, title="t")
+    try:
+        ax, *bars = fig.axes
+        assert [t.get_text() for t in ax.get_xticklabels()] == expected
+        labels = [b.get_ylabel() for b in bars]
+        assert len(bars) == 2 and "lower = darker = better" in labels[1] and "higher = darker" in labels[0]
+        images = {im.get_cmap().name: im for im in ax.get_images()}
+        mse_img, acc_img = images["viridis"], images["viridis_r"]
+
+        def luminance(img, value: float) -> float:
+            r, g, b, _ = img.to_rgba(value)
+            return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+        # Darker = better in both scales: a lower MSE and a higher accuracy are darker.
+        assert luminance(mse_img, 0.5) < luminance(mse_img, 3.0)
+        assert luminance(acc_img, 0.9) < luminance(acc_img, 0.3)
+        # Each image colours only its own columns (the rest are masked).
+        j_acc = [expected.index(c) for c in ACCURACY_COLUMNS]
+        assert not mse_img.get_array().mask[:, [0, 1, 3, 9]].any() and mse_img.get_array().mask[:, j_acc].all()
+        assert mse_img.get_array().mask[:, 2].all() and acc_img.get_array().mask[:, 2].all()  # mse_ratio
+    finally:
+        plt.close(fig)
