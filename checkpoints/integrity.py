@@ -22,7 +22,7 @@ import json
 import os
 from typing import Any
 
-from checkpoints.safe_load import load_torch_state
+from checkpoints.safe_load import UnsafeCheckpointError, load_torch_state
 
 RECORD_DIR = "integrity"
 
@@ -93,7 +93,7 @@ def parse_safely(path: str) -> None:
         elif name.endswith(".pt"):
             load_torch_state(path, mmap=True)
         # Anything else (DeepSpeed's `latest` tag file, its zero_to_fp32.py helper) is never loaded by us.
-    except ValueError:
+    except UnsafeCheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - any parser failure means the same thing: the file is not usable
         raise ValueError(f"does not parse ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") \

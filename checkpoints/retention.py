@@ -70,18 +70,21 @@ def copy_checkpoint(src_url: str, dest_url: str) -> None:
 
 
 class KeepPeriodCallback(UserCallback):
-    """On the controller: copy each committed checkpoint at a multiple of `keep_period` to <run>/kept/."""
+    """On the controller, once Ray has committed a checkpoint: say so in one line (the workers' own "Checkpoint
+    successfully created" lines come before the commit and are silenced in trainer/loop.py), and copy it to
+    <run>/kept/ when its step is a multiple of `keep_period`."""
 
     def __init__(self, run_dir_url: str, keep_period: int):
         self.run_dir_url, self.keep_period = run_dir_url, keep_period
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if checkpoint is None or not self.keep_period or not metrics:
+        if checkpoint is None or not metrics:
             return
         step = int(metrics[0].get("step", 0))
-        if step <= 0 or step % self.keep_period:
-            return
         name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+        print(f"[checkpoint] step {step} committed: {storage.join(self.run_dir_url, name)}", flush=True)
+        if not self.keep_period or step <= 0 or step % self.keep_period:
+            return
         dest = storage.join(self.run_dir_url, "kept", f"step_{step:09d}")
         try:
             copy_checkpoint(storage.join(self.run_dir_url, name), dest)

@@ -88,6 +88,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from trainer import redact
 
     redact.install()  # this worker's logs and output: same protection as the driver's
+    # Ray's worker-side "Checkpoint successfully created" (said before the checkpoint is committed) and its
+    # per-report metric dicts: the controller says "committed" once it is (checkpoints/retention.py).
+    logging.getLogger("ray.train.v2._internal.execution").setLevel(
+        logging.DEBUG if os.environ.get("B1K_DEBUG") else logging.WARNING)
     cfg: TrainConfig = loop_config["config"]
     data = loop_config["data"]
     ctx = ray.train.get_context()

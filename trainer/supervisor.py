@@ -18,11 +18,17 @@ the failure is kept in memory and said once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
+import shlex
+import signal
+import sys
+import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from data_loaders import storage
 
@@ -106,7 +112,8 @@ class FailureLog:
         try:
             storage.write_bytes_atomic(self.fs, self.path, data)
         except Exception as e:  # noqa: BLE001 - the log is history; losing a line must not end the run
-            reason = storage.storage_write_error(e, self.run_dir_url, what="failures.jsonl") or f"{type(e).__name__}: {e}"
+            reason = (storage.storage_write_error(e, self.run_dir_url, what="failures.jsonl")
+                      or f"{type(e).__name__}: {e}")
             print(f"[supervisor] could not record the failure ({reason}); it is kept in memory", flush=True)
         return entry
 
@@ -118,11 +125,19 @@ class FailureLog:
 
 def supervise(run_attempt: Callable[[int], Any], *, run_dir_url: str, resilience: Any,
               before_attempt: Callable[[], None] | None = None) -> Any:
-    """Call `run_attempt(attempt)` until it returns; on a Ray Train failure decide whether to go again."""
-    from ray.train import TrainingFailedError
-
+    """Call `run_attempt(attempt)` until it returns; on a Ray Train failure decide whether to go again. Ctrl-C or
+    SIGTERM ends the run after saying which checkpoint is committed and how to resume."""
     failures = FailureLog(run_dir_url)
     started = time.time()
+    with _interrupts_say_where_to_resume(run_dir_url):
+        return _supervise(run_attempt, failures, started, run_dir_url=run_dir_url, resilience=resilience,
+                          before_attempt=before_attempt)
+
+
+def _supervise(run_attempt: Callable[[int], Any], failures: FailureLog, started: float, *, run_dir_url: str,
+               resilience: Any, before_attempt: Callable[[], None] | None) -> Any:
+    from ray.train import TrainingFailedError
+
     attempt = 0
     session_failures = 0  # max_failures counts this invocation; the breaker's window also sees earlier ones
     while True:
@@ -146,6 +161,35 @@ def supervise(run_attempt: Callable[[int], Any], *, run_dir_url: str, resilience
             print(f"[supervisor] restarting from the last committed checkpoint (attempt {attempt + 1})", flush=True)
 
 
+def resume_command() -> str:
+    """The command line that started this process, as the user would type it again."""
+    argv = list(sys.argv)
+    prog = os.path.basename(argv[0]) if argv else ""
+    if prog in ("b1k-train", "__main__.py") or argv[:1] == ["-m"]:
+        argv[0] = "b1k-train"
+        return shlex.join(argv)
+    return "the same command"
+
+
+@contextlib.contextmanager
+def _interrupts_say_where_to_resume(run_dir_url: str) -> Iterator[None]:
+    """SIGTERM (a pod eviction, `kill`) ends the run like Ctrl-C; either way the last line says what is kept."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def terminate(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"\n[b1k-train] interrupted: {_resume_hint(run_dir_url, command=resume_command())}", flush=True)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def _storage_problem(error: BaseException, run_dir_url: str) -> str | None:
     """The one-line message when the attempt failed because the run's storage cannot be written, else None."""
     for cause in root_causes(error):
@@ -157,15 +201,18 @@ def _storage_problem(error: BaseException, run_dir_url: str) -> str | None:
     return None
 
 
-def _resume_hint(run_dir_url: str) -> str:
+def _resume_hint(run_dir_url: str, *, command: str = "the same command") -> str:
     from checkpoints.retention import committed_checkpoints
 
     try:
         names = committed_checkpoints(run_dir_url)
     except Exception:  # noqa: BLE001 - the hint is best effort; the storage may be what failed
         names = []
-    kept = f"the last committed checkpoint, {names[-1]}, is intact" if names else "no checkpoint was committed yet"
-    return f"{kept}; re-running the same command resumes from it"
+    if not names:
+        return f"no checkpoint was committed yet; re-running {command} starts from the beginning"
+    step = int(names[-1].rsplit("_", 1)[-1])
+    return (f"the last committed checkpoint, {names[-1]}, is intact (step {step}); re-running {command} resumes "
+            f"from it")
 
 
 def _verdict(error: BaseException, failures: FailureLog, res: Any, session_failures: int, *,
