@@ -2,9 +2,13 @@
 
 `StreamLoader` yields model-ready batches from a manifest on file:// or s3://. Shards are dealt to slots
 (rank x DataLoader worker) in shuffled groups (see stream_plan.py); each worker decodes and transforms only its
-own samples; the main process interleaves workers strictly round-robin and collates. Its `state_dict()` holds
-every slot's cursor, so a resumed loader continues at exactly the next sample (same world size: bitwise the
-same stream), and a different world size continues the same epoch with every remaining sample exactly once.
+own samples. The workers run under torchdata's StatefulDataLoader: each worker's dataset is `Stateful` (its
+state is its slot's cursor), the StatefulDataLoader interleaves the workers in order (round-robin, skipping
+exhausted ones) and its state_dict()/load_state_dict() carries every worker's cursor and the round-robin turn
+across a restart. The training process collates in a background thread (prefetch.py). A resumed loader
+continues at exactly the next sample (same world size: bitwise the same stream); a different world size --
+which a StatefulDataLoader state cannot express, see `_dataloader_state_for` -- continues the same epoch with
+every remaining sample exactly once through stream_plan.reshard.
 
 Usage (one rank):
 
@@ -12,20 +16,23 @@ Usage (one rank):
                           norm_stats=NormStats.load(...))
     for batch in loader: ...
     local = loader.state_dict()            # per rank; gather all ranks' dicts for a checkpoint
-    glob = merge_rank_states(all_local)    # what load_state_dict() takes on any world size
+    glob = merge_rank_states(all_local, num_workers_per_rank=[...])  # load_state_dict() takes it on any world size
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
+import warnings
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from data_loaders import manifest as mf
 from data_loaders.augment import AugmentConfig
@@ -83,63 +90,65 @@ def _sample_rng(seed: int, epoch: int, group: int, position: int) -> np.random.G
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, 2, group, position])))
 
 
-class _ShardStream(IterableDataset):
-    """Produces, for one rank, its slots' samples; each item carries its slot and the cursor after it.
+class _SlotStream(IterableDataset):
+    """The samples of one slot: in DataLoader worker k of rank r, slot r * workers_per_rank + k.
 
-    A finished slot then yields end markers forever, so the DataLoader's round-robin over workers never
-    changes shape and the interleaving is a pure function of the state.
+    Stateful in torchdata's sense (state_dict/load_state_dict): the state is the slot's cursor after the last
+    sample yielded. The StatefulDataLoader asks each worker's copy for it with every sample it sends, and
+    restores it into a fresh worker on resume, so no sample needs to carry its slot or cursor.
     """
 
     def __init__(self, manifest: mf.Manifest, planner: EpochPlanner, state: StreamState, *, rank: int,
-                 num_workers: int, transform: Callable[[dict, Any], dict], cfg: StreamConfig):
+                 workers_per_rank: int, transform: Callable[[dict, Any], dict], cfg: StreamConfig):
         self.manifest, self.planner, self.state = manifest, planner, state
-        self.rank, self.num_workers, self.transform, self.cfg = rank, max(1, num_workers), transform, cfg
+        self.rank, self.workers_per_rank, self.transform, self.cfg = rank, workers_per_rank, transform, cfg
         self.first_sample = np.cumsum([0] + [s.num_samples for s in manifest.shards])  # manifest-order index
+        self._cursor: Cursor | None = None  # set by load_state_dict (a resumed worker) and by iteration
 
-    def local_slot(self, worker_id: int) -> int:
-        return (worker_id + self.state.next_local_slot[self.rank]) % self.num_workers
+    def _slot(self) -> int:
+        info = get_worker_info()
+        return self.rank * self.workers_per_rank + (info.id if info is not None else 0)
+
+    def state_dict(self) -> dict[str, int]:
+        c = self._cursor if self._cursor is not None else self.state.cursors[self._slot()]
+        return {"epoch": c.epoch, "item_pos": c.item_pos, "offset": c.offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._cursor = Cursor(int(state["epoch"]), int(state["item_pos"]), int(state["offset"]))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        local = self.local_slot(info.id if info is not None else 0)
-        if info is not None:
+        if get_worker_info() is not None:
             torch.set_num_threads(1)
-        slot = self.rank * self.num_workers + local
-        yield from self._slot_samples(slot, local)
-        while True:
-            yield {"_slot": local, "_end": True}
-
-    def _slot_samples(self, slot: int, local: int) -> Iterator[dict[str, Any]]:
-        cur = self.state.cursors[slot]
+        cur = self._cursor if self._cursor is not None else self.state.cursors[self._slot()]
         epoch = cur.epoch
         while self.cfg.num_epochs is None or epoch < self.cfg.num_epochs:
-            items = self.state.slot_items(self.planner, epoch, slot)
+            items = self.state.slot_items(self.planner, epoch, self._slot())
             first_pos = cur.item_pos if epoch == cur.epoch else 0
             for item_pos in range(first_pos, len(items)):
                 offset = cur.offset if (epoch == cur.epoch and item_pos == cur.item_pos) else 0
-                yield from self._item_samples(epoch, item_pos, items[item_pos], offset, local)
+                yield from self._item_samples(epoch, item_pos, items[item_pos], offset)
             epoch += 1
 
-    def _item_samples(self, epoch: int, item_pos: int, item: Any, offset: int,
-                      local: int) -> Iterator[dict[str, Any]]:
+    def _item_samples(self, epoch: int, item_pos: int, item: Any, offset: int) -> Iterator[dict[str, Any]]:
         order = self.planner.group_samples(epoch, item.group)
         start = item.skip + offset
         todo = order[start:]
-        shard_ids = sorted({int(s) for s in todo[:, 0]})
         members: dict[int, list[dict[str, bytes]] | Exception] = {}
-        for sid in shard_ids:  # only shards that still hold unread samples are fetched
+        for sid in sorted({int(s) for s in todo[:, 0]}):  # only shards that still hold unread samples are fetched
             members[sid] = self._load_shard(sid)
         reported: set[int] = set()
         for k, (sid, idx) in enumerate(todo):
             sid, idx = int(sid), int(idx)
-            cursor = (epoch, item_pos, offset + k + 1)
+            # The cursor moves before the yield: the state the StatefulDataLoader takes right after this sample
+            # must say it is consumed.
+            self._cursor = Cursor(epoch, item_pos, offset + k + 1)
             got = members[sid]
             if isinstance(got, Exception):
                 if sid not in reported:
                     reported.add(sid)
                     n = int((todo[:, 0] == sid).sum())
-                    yield {"_slot": local, "_cursor": cursor, "_skipped": {
-                        "kind": "shard", "shard": self.manifest.shards[sid].name, "samples": n, "error": str(got)}}
+                    yield {"_skipped": {"kind": "shard", "shard": self.manifest.shards[sid].name, "samples": n,
+                                        "error": str(got)}}
                 continue
             where = f"{self.manifest.shard_url(self.manifest.shards[sid].name)}#{idx}"
             try:
@@ -149,12 +158,11 @@ class _ShardStream(IterableDataset):
             except (SampleError, OSError, ValueError) as e:
                 if self.cfg.on_bad_shard == "error":
                     raise SampleError(f"{where}: {e}") from e
-                yield {"_slot": local, "_cursor": cursor, "_skipped": {
-                    "kind": "sample", "shard": self.manifest.shards[sid].name, "samples": 1, "error": str(e)}}
+                yield {"_skipped": {"kind": "sample", "shard": self.manifest.shards[sid].name, "samples": 1,
+                                    "error": str(e)}}
                 continue
             # Identity of the sample (its index in manifest order) and its epoch: for audits and debugging.
             out["sample_index"], out["epoch"] = np.int64(self.first_sample[sid] + idx), np.int64(epoch)
-            out["_slot"], out["_cursor"] = local, cursor
             yield out
 
     def _load_shard(self, sid: int) -> list[dict[str, bytes]] | Exception:
@@ -195,12 +203,28 @@ def _as_is(item: Any) -> Any:
     return item
 
 
+def worker_cursors(dataloader_state: dict[str, Any], num_workers: int) -> list[Cursor]:
+    """Each worker's cursor inside a StatefulDataLoader state_dict() (torchdata 0.11, pinned exactly).
+
+    The per-worker dataset states are what a resharding needs, and torchdata offers no accessor for them, so
+    this reads its documented-by-code layout: `_snapshot._worker_snapshots.worker_<k>.dataset_state` with
+    workers, `dataset_state` without. tests/integration/test_stream.py pins it.
+    """
+    if num_workers == 0:
+        states = [dataloader_state["dataset_state"]]
+    else:
+        snaps = dataloader_state["_snapshot"]["_worker_snapshots"]
+        states = [snaps[f"worker_{k}"]["dataset_state"] for k in range(num_workers)]
+    return [Cursor(int(s["epoch"]), int(s["item_pos"]), int(s["offset"])) for s in states]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Position:
-    """One rank's place in the stream after some batch: its slots' cursors, round-robin turn and counters."""
+    """One rank's place in the stream after some batch: its StatefulDataLoader state (None = not started from
+    one: the dataset starts each slot at its cursor in `cursors`), its slots' cursors and counters."""
 
+    dataloader: dict[str, Any] | None
     cursors: tuple[Cursor, ...]
-    next_local_slot: int
     metrics: dict[str, int]
 
 
@@ -246,8 +270,9 @@ class StreamLoader:
         self.transform = transform or SampleTransform(normalizer=normalizer, augment=aug,
                                                       fast_tokenizer=fast_tokenizer, max_fast_tokens=max_fast_tokens)
         self._state = StreamState.fresh(fingerprint=self.fingerprint, seed=cfg.seed,
-                                        shards_per_group=cfg.shards_per_group, num_slots=self.num_slots,
-                                        num_ranks=world_size)
+                                        shards_per_group=cfg.shards_per_group, num_slots=self.num_slots)
+        # The StatefulDataLoader state the next iteration resumes from (None: start each slot at its cursor).
+        self._dataloader_state: dict[str, Any] | None = None
         # What the consumer has received; the producer (possibly a thread, batches ahead) counts in _produced.
         self.metrics = {"samples": 0, "batches": 0, "skipped_samples": 0, "skipped_shards": 0}
         self._produced = dict(self.metrics)
@@ -257,27 +282,28 @@ class StreamLoader:
     # --- state ---------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's position (its slots' cursors). Merge all ranks' dicts with merge_rank_states()."""
+        """This rank's position. JSON-serialisable; merge all ranks' dicts with merge_rank_states()."""
         g = self._state.to_dict()
         pos = self._position()
         local = {k: g[k] for k in ("version", "fingerprint", "seed", "shards_per_group", "num_slots", "overrides")}
         local["local_cursors"] = [[c.epoch, c.item_pos, c.offset] for c in pos.cursors]
-        local["next_local_slot"] = pos.next_local_slot
-        local["metrics"] = dict(self.metrics)
+        # A deep copy through JSON: the checkpoint writes it as JSON, and later batches must not change it.
+        local["dataloader"] = json.loads(json.dumps(pos.dataloader)) if pos.dataloader is not None else None
+        local["num_workers"] = self.cfg.num_workers
+        local["metrics"] = dict(pos.metrics)
         return local
 
-    def _position(self) -> "_Position":
+    def _position(self) -> _Position:
         if self._consumed is not None:
             return self._consumed
-        w = self.workers_per_rank
-        lo = self.rank * w
-        return _Position(tuple(self._state.cursors[lo:lo + w]), self._state.next_local_slot[self.rank],
+        lo = self.rank * self.workers_per_rank
+        return _Position(self._dataloader_state, tuple(self._state.cursors[lo:lo + self.workers_per_rank]),
                          dict(self.metrics))
 
-    def _set_position(self, pos: "_Position") -> None:
+    def _set_position(self, pos: _Position) -> None:
         lo = self.rank * self.workers_per_rank
         self._state.cursors[lo:lo + self.workers_per_rank] = list(pos.cursors)
-        self._state.next_local_slot[self.rank] = pos.next_local_slot
+        self._dataloader_state = pos.dataloader
         self.metrics = dict(pos.metrics)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -291,10 +317,30 @@ class StreamLoader:
         if (st.seed, st.shards_per_group) != (self.cfg.seed, self.cfg.shards_per_group):
             raise ValueError(f"the loader state was saved with seed={st.seed}, shards_per_group="
                              f"{st.shards_per_group}; configure the loader the same way to resume")
-        if st.num_slots != self.num_slots or len(st.next_local_slot) != self.world_size:
+        self._dataloader_state = self._dataloader_state_for(state)
+        if st.num_slots != self.num_slots:
             log.info("resharding loader state from %d to %d slots", st.num_slots, self.num_slots)
-            st = reshard(st, self.planner, num_slots=self.num_slots, num_ranks=self.world_size)
+            st = reshard(st, self.planner, num_slots=self.num_slots)
+        elif self._dataloader_state is None:
+            log.info("resuming every slot at its cursor; the round-robin over workers restarts at worker 0")
         self._state = st
+
+    def _dataloader_state_for(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        """This rank's StatefulDataLoader state, if the saved run had the same world size and workers.
+
+        What StatefulDataLoader cannot express (tests/integration/test_stream.py::
+        test_stateful_dataloader_state_does_not_fit_another_worker_count): its state is per process and per worker
+        count -- load_state_dict() into a loader with another num_workers fails, and it knows nothing of other
+        ranks. Dealing a rank's remaining samples to a different set of (rank, worker) slots is therefore
+        stream_plan.reshard's job: it re-deals every slot's remainder, and each new worker starts from the cursor
+        the dataset is built with (the round-robin then starts at worker 0).
+        """
+        loaders, workers = state.get("dataloaders"), state.get("num_workers")
+        if not loaders or len(loaders) != self.world_size or int(state["num_slots"]) != self.num_slots:
+            return None
+        if workers[self.rank] != self.cfg.num_workers or loaders[self.rank] is None:
+            return None  # e.g. 0 <-> 1 workers: same slots, but the two StatefulDataLoader layouts differ
+        return loaders[self.rank]
 
     @property
     def epoch(self) -> int:
@@ -309,7 +355,7 @@ class StreamLoader:
         start = self._position()
         self._consumed = start
         self._produced = dict(start.metrics)
-        source: Any = self._produce()
+        source: Any = self._produce(start)
         if self.cfg.prefetch_batches:
             source = BackgroundIterator(source, self.cfg.prefetch_batches, name=f"stream-prefetch-rank{self.rank}")
         try:
@@ -324,51 +370,44 @@ class StreamLoader:
             end, self._consumed = self._consumed, None
             self._set_position(end)
 
-    def _produce(self) -> Iterator[tuple[dict[str, torch.Tensor], "_Position"]]:
-        ds = _ShardStream(self.manifest, self.planner, self._state, rank=self.rank,
-                          num_workers=self.cfg.num_workers, transform=self.transform, cfg=self.cfg)
-        if self.cfg.num_workers == 0:
-            source: Any = iter(ds)
-        else:
-            source = iter(DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
-                                     prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
-                                     multiprocessing_context=self.cfg.start_method,
-                                     worker_init_fn=_die_with_parent,
-                                     collate_fn=_as_is))
-        w = self.workers_per_rank
-        ended: set[int] = set()
+    def _produce(self, start: _Position) -> Iterator[tuple[dict[str, torch.Tensor], _Position]]:
+        ds = _SlotStream(self.manifest, self.planner, self._state, rank=self.rank,
+                         workers_per_rank=self.workers_per_rank, transform=self.transform, cfg=self.cfg)
+        workers = dict(prefetch_factor=self.cfg.prefetch_factor, multiprocessing_context=self.cfg.start_method,
+                       worker_init_fn=_die_with_parent) if self.cfg.num_workers else {}
+        # in_order: the workers' samples interleave as a pure function of their streams (exhausted workers are
+        # skipped); every sample carries its worker's state (snapshot_every_n_steps=1), so no resume fast-forwards.
+        with warnings.catch_warnings():
+            # torchdata 0.11 calls torch.set_vital, which torch 2.13 deprecates; nothing for us to change.
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+            loader = StatefulDataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_as_is,
+                                        in_order=True, snapshot_every_n_steps=1, persistent_workers=False, **workers)
+        if start.dataloader is not None:
+            loader.load_state_dict(start.dataloader)
+        it = iter(loader)
         buf: list[dict[str, Any]] = []
         try:
-            for item in source:
-                local = int(item["_slot"])
-                # Strict round-robin: the next item always comes from the following worker.
-                self._state.next_local_slot[self.rank] = (local + 1) % w
-                if "_end" in item:
-                    ended.add(local)
-                    if len(ended) == w:
-                        break
-                    continue
-                self._state.cursors[self.rank * w + local] = Cursor(*map(int, item["_cursor"]))
+            for item in it:
                 if "_skipped" in item:
                     self._record_skip(item["_skipped"])
                     continue
                 buf.append(item)
                 if len(buf) == self.cfg.batch_size:
-                    yield self._emit(buf)
+                    yield self._emit(buf, loader)
                     buf = []
             if buf and not self.cfg.drop_last:
-                yield self._emit(buf)
+                yield self._emit(buf, loader)
         finally:
-            del source  # shuts the worker processes down
+            del it, loader  # shuts the worker processes down
 
-    def _emit(self, buf: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], "_Position"]:
+    def _emit(self, buf: list[dict[str, Any]], loader: StatefulDataLoader) -> tuple[dict[str, torch.Tensor],
+                                                                                      _Position]:
         self._produced["samples"] += len(buf)
         self._produced["batches"] += 1
-        w = self.workers_per_rank
-        lo = self.rank * w
-        pos = _Position(tuple(self._state.cursors[lo:lo + w]), self._state.next_local_slot[self.rank],
-                        dict(self._produced))
-        return _collate(buf), pos
+        # The StatefulDataLoader's state right after the batch's last sample: every worker's cursor + whose turn.
+        state = loader.state_dict()
+        cursors = tuple(worker_cursors(state, self.cfg.num_workers))
+        return _collate(buf), _Position(state, cursors, dict(self._produced))
 
     def _record_skip(self, info: dict[str, Any]) -> None:
         self._produced["skipped_samples"] += int(info["samples"])

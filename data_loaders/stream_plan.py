@@ -11,11 +11,13 @@ Vocabulary
 - slot s reads items plan[s::num_slots] of each epoch, in order. Its cursor is (epoch, item_pos, offset):
   `offset` samples of item `item_pos` are consumed.
 
-The global state is every slot's cursor plus `overrides` (epoch -> explicit item list). Resuming with the same
-number of slots continues each slot exactly where it stopped (bitwise-identical stream). Resuming with a
-different number of slots converts what is left of each epoch in flight into an override plan -- the unread
-tail of every partly read item plus every unread item -- and deals it out to the new slots, so every remaining
-sample of the epoch is produced exactly once and nothing consumed is produced again.
+The global state is every slot's cursor plus `overrides` (epoch -> explicit item list), and, per rank, the state
+of torchdata's StatefulDataLoader that carried those cursors (data_loaders/stream.py): resuming with the same
+world size and workers hands each rank its own dataloader state back, which restores every worker's cursor and
+the round-robin turn (bitwise-identical stream). Resuming with a different number of slots converts what is left
+of each epoch in flight into an override plan -- the unread tail of every partly read item plus every unread
+item -- and deals it out to the new slots, so every remaining sample of the epoch is produced exactly once and
+nothing consumed is produced again.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-STATE_VERSION = 1
+# 2: the per-rank round-robin turn moved into the StatefulDataLoader states ("dataloaders"). A version-1 state
+# (no dataloader states) still loads; it resumes every slot exactly but restarts the round-robin at worker 0.
+STATE_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,14 +107,11 @@ class StreamState:
     num_slots: int
     cursors: list[Cursor]
     overrides: dict[int, list[Item]] = dataclasses.field(default_factory=dict)
-    # Per rank: the slot (local worker index) that delivers the next sample, so the round-robin resumes in place.
-    next_local_slot: list[int] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def fresh(cls, *, fingerprint: str, seed: int, shards_per_group: int, num_slots: int, num_ranks: int,
+    def fresh(cls, *, fingerprint: str, seed: int, shards_per_group: int, num_slots: int,
               start_epoch: int = 0) -> "StreamState":
-        return cls(fingerprint, seed, shards_per_group, num_slots, [Cursor(start_epoch, 0, 0)] * num_slots,
-                   {}, [0] * num_ranks)
+        return cls(fingerprint, seed, shards_per_group, num_slots, [Cursor(start_epoch, 0, 0)] * num_slots, {})
 
     def plan(self, planner: EpochPlanner, epoch: int) -> list[Item]:
         # An override may be empty (that epoch is finished), which must not fall back to the base plan.
@@ -124,18 +126,17 @@ class StreamState:
             "shards_per_group": self.shards_per_group, "num_slots": self.num_slots,
             "cursors": [[c.epoch, c.item_pos, c.offset] for c in self.cursors],
             "overrides": {str(e): [[i.group, i.skip] for i in items] for e, items in self.overrides.items()},
-            "next_local_slot": list(self.next_local_slot),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StreamState":
-        if d.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {d.get('version')!r} is not supported (expected {STATE_VERSION})")
+        if d.get("version") not in _READABLE_VERSIONS:
+            raise ValueError(f"loader state version {d.get('version')!r} is not supported (this b1k-train reads "
+                             f"{_READABLE_VERSIONS})")
         return cls(
             fingerprint=d["fingerprint"], seed=int(d["seed"]), shards_per_group=int(d["shards_per_group"]),
             num_slots=int(d["num_slots"]), cursors=[Cursor(*map(int, c)) for c in d["cursors"]],
             overrides={int(e): [Item(int(g), int(s)) for g, s in items] for e, items in d["overrides"].items()},
-            next_local_slot=[int(x) for x in d.get("next_local_slot", [])],
         )
 
 
@@ -158,7 +159,7 @@ def remaining_items(state: StreamState, planner: EpochPlanner, epoch: int) -> li
     return [item for _, item in sorted(left, key=lambda x: x[0])]
 
 
-def reshard(state: StreamState, planner: EpochPlanner, *, num_slots: int, num_ranks: int) -> StreamState:
+def reshard(state: StreamState, planner: EpochPlanner, *, num_slots: int) -> StreamState:
     """Re-deal the unconsumed part of every epoch in flight to `num_slots` slots (exactly-once semantics)."""
     if num_slots == state.num_slots:
         return state
@@ -167,16 +168,19 @@ def reshard(state: StreamState, planner: EpochPlanner, *, num_slots: int, num_ra
     overrides = {e: remaining_items(state, planner, e) for e in range(first, last + 1)}
     # Later epochs start fresh from the base plan; earlier overrides are finished.
     return StreamState(state.fingerprint, state.seed, state.shards_per_group, num_slots,
-                       [Cursor(first, 0, 0)] * num_slots, overrides, [0] * num_ranks)
+                       [Cursor(first, 0, 0)] * num_slots, overrides)
 
 
 def merge_rank_states(states: Sequence[dict[str, Any]], *, num_workers_per_rank: Sequence[int]) -> dict[str, Any]:
-    """Combine the rank-local states (each lists only its own slots' cursors) into one global state dict."""
+    """Combine the rank-local states (each lists only its own slots' cursors) into one global state dict.
+
+    `num_workers_per_rank` counts slots (max(1, num_workers)). Each rank's StatefulDataLoader state is kept as is
+    under "dataloaders" (index = rank), with the DataLoader's worker count under "num_workers".
+    """
     if not states:
         raise ValueError("no loader states to merge")
     base = dict(states[0])
     cursors: list[list[int]] = []
-    next_local: list[int] = []
     for st, w in zip(states, num_workers_per_rank):
         for key in ("fingerprint", "seed", "shards_per_group", "num_slots", "overrides"):
             if st[key] != base[key]:
@@ -184,9 +188,9 @@ def merge_rank_states(states: Sequence[dict[str, Any]], *, num_workers_per_rank:
         if len(st["local_cursors"]) != w:
             raise ValueError("a rank's loader state has the wrong number of worker cursors")
         cursors.extend(st["local_cursors"])
-        next_local.append(st["next_local_slot"])
     if len(cursors) != base["num_slots"]:
         raise ValueError(f"merged {len(cursors)} cursors but the run had {base['num_slots']} slots")
-    out = {k: base[k] for k in ("version", "fingerprint", "seed", "shards_per_group", "num_slots", "overrides")}
-    out.update(cursors=cursors, next_local_slot=next_local)
+    out = {k: base[k] for k in ("fingerprint", "seed", "shards_per_group", "num_slots", "overrides")}
+    out.update(version=STATE_VERSION, cursors=cursors, dataloaders=[st.get("dataloader") for st in states],
+               num_workers=[st.get("num_workers") for st in states])
     return out

@@ -128,7 +128,8 @@ def test_resume_single_rank_from_its_own_state(shards_dir):
     assert_batches_equal(head + run(resumed), full)
 
 
-@pytest.mark.parametrize("new_world,new_workers", [(3, 2), (1, 1)])
+# (4, 1): as many slots as before but other ranks own them, so no rank can take a saved dataloader state.
+@pytest.mark.parametrize("new_world,new_workers", [(3, 2), (1, 1), (4, 1)])
 def test_resume_on_different_world_size_loses_and_repeats_nothing(shards_dir, new_world, new_workers):
     states, consumed = [], []
     for r in range(2):
@@ -144,6 +145,67 @@ def test_resume_on_different_world_size_loses_and_repeats_nothing(shards_dir, ne
     assert not set(consumed) & set(rest)
     assert sorted(consumed + rest) == sorted(set(consumed + rest))
     assert len(consumed) + len(rest) == TOTAL
+
+
+def test_resume_after_a_worker_ran_out_is_bitwise_identical(shards_dir):
+    """The StatefulDataLoader skips an exhausted worker in its round-robin; a resumed one must skip it too."""
+    c = cfg(num_workers=2, batch_size=4, prefetch_batches=0)
+    full = run(StreamLoader(shards_dir, c))
+    for cut in range(len(full) - 1, 0, -1):
+        loader = StreamLoader(shards_dir, c)
+        head = run(loader, max_batches=cut)
+        state = loader.state_dict()
+        # The layout stream.worker_cursors reads (torchdata 0.11): one dataset state per worker.
+        assert sorted(state["dataloader"]["_snapshot"]["_worker_snapshots"]) == ["worker_0", "worker_1"]
+        plan = loader._state
+        sizes = [sum(loader.planner.group_size(0, i.group) - i.skip for i in plan.slot_items(loader.planner, 0, s))
+                 for s in range(2)]
+        consumed = [sum(loader.planner.group_size(0, i.group) - i.skip
+                        for i in plan.slot_items(loader.planner, 0, s)[:c_.item_pos]) + c_.offset
+                    for s, c_ in enumerate(stream_plan.Cursor(*x) for x in state["local_cursors"])]
+        if any(done == size for done, size in zip(consumed, sizes)) and consumed != sizes:
+            break
+    else:
+        pytest.fail("no cut where exactly one worker had run out; change LENGTHS or batch_size")
+    resumed = StreamLoader(shards_dir, c)
+    resumed.load_state_dict(state)
+    assert_batches_equal(head + run(resumed), full)
+
+
+def test_stateful_dataloader_state_does_not_fit_another_worker_count():
+    """Why stream_plan.reshard exists (stream.StreamLoader._dataloader_state_for): torchdata's state is per
+    process and per worker count, so a rank's state cannot be loaded by a loader with a different num_workers
+    (let alone be split across ranks)."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    two = StatefulDataLoader(_Counter(), batch_size=None, num_workers=2, multiprocessing_context="fork")
+    it = iter(two)
+    assert [list(next(it)) for _ in range(4)] == [[0, 0], [1, 0], [0, 1], [1, 1]]  # round-robin, in order
+    state = two.state_dict()
+    del it
+    one = StatefulDataLoader(_Counter(), batch_size=None, num_workers=1, multiprocessing_context="fork")
+    one.load_state_dict(state)
+    with pytest.raises(AssertionError):
+        next(iter(one))
+
+
+class _Counter(torch.utils.data.IterableDataset):
+    """(worker id, n) forever; Stateful in torchdata's sense."""
+
+    def __init__(self):
+        self.n = 0
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, state):
+        self.n = state["n"]
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        while True:
+            self.n += 1
+            yield (info.id if info else 0, self.n - 1)
 
 
 def test_reshard_twice_then_finish_epoch(shards_dir):
@@ -256,7 +318,7 @@ def test_bad_config_is_rejected():
 def test_stream_state_roundtrips_json():
     import json
 
-    st = stream_plan.StreamState.fresh(fingerprint="f", seed=1, shards_per_group=2, num_slots=4, num_ranks=2)
+    st = stream_plan.StreamState.fresh(fingerprint="f", seed=1, shards_per_group=2, num_slots=4)
     st.overrides[3] = [stream_plan.Item(1, 5)]
     again = stream_plan.StreamState.from_dict(json.loads(json.dumps(st.to_dict())))
     assert again == st
