@@ -14,6 +14,11 @@ by a killed conversion is never read. Layout:
 
 A *view* (data_loaders/splits.py) is a manifest in another directory that lists a subset of a conversion's
 shards and says where they live with "base_url"; readers open `<base_url>/<name>`, so a view costs no copy.
+
+The shards are plain webdataset tars, written and read with the webdataset library's own TarWriter and tar
+iterators (docs/data.md has the key and extension conventions). `webdataset_urls()` gives the shard URLs for
+`webdataset.WebDataset`, `register_webdataset_s3()` lets it open s3:// ones, and `index_shards()` writes the
+manifest for webdataset shards made by other tools, so they stream through this package too.
 """
 
 from __future__ import annotations
@@ -23,9 +28,12 @@ import hashlib
 import io
 import json
 import tarfile
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
+import webdataset as wds
 from fsspec import AbstractFileSystem
+from webdataset.gopen import gopen_schemes
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from data_loaders import storage
 
@@ -123,42 +131,56 @@ def read_shard_bytes(manifest: Manifest, shard: ShardInfo, *, verify: bool = Tru
 def iter_tar_samples(data: bytes, *, where: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Group the members of an in-memory webdataset tar by sample key, in tar order.
 
-    Yields (key, {extension: bytes}). A truncated or malformed tar raises ShardError naming `where`.
+    Yields (key, {extension: bytes}). The split of a member name into key and extension is webdataset's own
+    (key = everything before the first dot of the file name, directories included), so a tar means the same
+    samples here as in `webdataset.WebDataset`. A truncated or malformed tar raises ShardError naming `where`.
     """
-    key: str | None = None
-    files: dict[str, bytes] = {}
+    members = ({**m, "__url__": where} for m in tar_file_iterator(io.BytesIO(data)))
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
-            for member in tf:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                k, _, ext = base.partition(".")
-                if k != key:
-                    if key is not None:
-                        yield key, files
-                    key, files = k, {}
-                f = tf.extractfile(member)
-                assert f is not None
-                files[ext] = f.read()
-    except (tarfile.TarError, EOFError, OSError) as e:
+        for sample in group_by_keys(members):
+            key = sample.pop("__key__")
+            sample.pop("__url__", None)
+            yield key, sample
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         raise ShardError(f"{where}: unreadable tar ({type(e).__name__}: {e}); re-run `b1k-train data shard`") from e
-    if key is not None:
-        yield key, files
 
 
 def write_tar(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
-    """Serialise samples into a deterministic tar (fixed mtime/uid/names order) for webdataset readers."""
+    """Serialise samples into a deterministic tar with webdataset's TarWriter.
+
+    The members are the already-encoded bytes (encoder=False): the image codec settings are ours. A fixed mtime,
+    owner and mode make identical samples give identical bytes, which the sharder's resume relies on; these
+    bytes equal those of the tarfile code this replaced, so older conversions resume unchanged.
+    """
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+    with wds.TarWriter(buf, user="", group="", mode=0o644, mtime=0, encoder=False) as writer:
         for key, files in samples:
-            for ext in sorted(files):
-                info = tarfile.TarInfo(name=f"{key}.{ext}")
-                info.size = len(files[ext])
-                info.mtime = 0
-                info.mode = 0o644
-                tf.addfile(info, io.BytesIO(files[ext]))
+            writer.write({"__key__": key, **files})
     return buf.getvalue()
+
+
+def webdataset_urls(manifest_url: str) -> list[str]:
+    """The URLs of the shards a manifest lists, in manifest order, for `webdataset.WebDataset(urls)`.
+
+    Local paths come back as file:// URLs; s3:// ones need register_webdataset_s3() first.
+    """
+    m = load_manifest(manifest_url)
+    urls = [m.shard_url(s.name) for s in m.shards]
+    return [u if "://" in u else f"file://{u}" for u in urls]
+
+
+def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[bytes]:
+    fs, path = storage.resolve(url)
+    return fs.open(path, mode)
+
+
+def register_webdataset_s3() -> None:
+    """Teach webdataset's gopen to open s3:// URLs through fsspec, with our endpoint handling.
+
+    webdataset 1.0.2 ships no s3 scheme. The handler honours AWS_ENDPOINT_URL like storage.resolve, and forked
+    DataLoader workers inherit it. Idempotent.
+    """
+    gopen_schemes["s3"] = _open_s3
 
 
 def read_manifest_fs(fs: AbstractFileSystem, path: str) -> dict[str, Any] | None:
@@ -167,3 +189,73 @@ def read_manifest_fs(fs: AbstractFileSystem, path: str) -> dict[str, Any] | None
     if not fs.exists(mpath):
         return None
     return json.loads(fs.cat_file(mpath))
+
+
+def index_shards(url: str, *, quality: int | None = None) -> dict[str, Any]:
+    """Write `<url>/manifest.json` for webdataset shards made by other tools (e.g. webdataset's ShardWriter)
+    that carry our fields (sample_format.py), and return it; the loader, stats, splits and FAST tools then read
+    them like a conversion of `b1k-train data shard`.
+
+    Every `*.tar` directly under `url` is read once (sha256, sample count, meta.json of each sample), in name
+    order. Each shard must hold samples of one episode (the splits select shards by episode) and all shards one
+    image format. The manifest is written last and atomically, so an interrupted run leaves none. Raises
+    ShardError naming the shard and what is wrong.
+    """
+    from data_loaders.behavior_facts import ACTION_HORIZON, CAMERAS, TASK_INSTRUCTIONS
+    from data_loaders.sample_format import IMAGE_FORMATS, SampleError, decode_image, decode_sample
+
+    fs, root = storage.resolve(url)
+    fs.invalidate_cache()
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if p.endswith(".tar"))
+    if not names:
+        raise ShardError(f"no *.tar shards directly under {url}")
+    ext_to_format = {e: f for f, e in IMAGE_FORMATS.items()}
+    shards: list[dict[str, Any]] = []
+    episodes: dict[int, dict[str, Any]] = {}
+    image_format: str | None = None
+    image_size = 0
+    for name in names:
+        where, path = storage.join(url, name), storage.join(root, name)
+        data = storage.with_retries(lambda p=path: fs.cat_file(p), what=f"reading shard {where}")
+        metas = []
+        for key, files in iter_tar_samples(data, where=where):
+            exts = {m.rsplit(".", 1)[-1] for m in files if m.split(".", 1)[0] in CAMERAS}
+            fmt = ext_to_format.get(next(iter(exts))) if len(exts) == 1 else None
+            if fmt is None or (image_format is not None and fmt != image_format):
+                raise ShardError(f"{where}#{key}: camera images {sorted(exts)}; expected one of "
+                                 f"{sorted(ext_to_format)} for all three cameras in every shard")
+            if image_format is None:
+                image_format = fmt
+                image_size = int(decode_image(files[f"{CAMERAS[0]}.{IMAGE_FORMATS[fmt]}"]).shape[0])
+            try:  # the checks the loader makes, minus image decoding: fail here, not hours into a run
+                sample = decode_sample(files, image_format=fmt, where=f"{where}#{key}", decode_images=False)
+            except SampleError as e:
+                raise ShardError(f"{e} (fields: docs/data.md)") from e
+            metas.append(sample["meta"])
+        eps = {int(m["episode"]) for m in metas}
+        if len(eps) != 1:
+            raise ShardError(f"{where}: holds samples of episodes {sorted(eps)[:5]}; write one episode per shard "
+                             f"(start a new shard at each episode boundary)")
+        ep = eps.pop()
+        shards.append({"name": name, "num_samples": len(metas), "bytes": len(data),
+                       "sha256": hashlib.sha256(data).hexdigest(), "episode_index": ep,
+                       "first_frame": min(int(m["frame"]) for m in metas)})
+        rec = episodes.setdefault(ep, {"episode_index": ep, "task_index": int(metas[0]["task"]), "length": 0,
+                                       "shards": []})
+        rec["length"] += len(metas)
+        rec["shards"].append(name)
+    tasks = sorted({rec["task_index"] for rec in episodes.values()})
+    raw = {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION,
+        "settings": {"samples_per_shard": max(s["num_samples"] for s in shards), "image_format": image_format,
+                     "quality": quality, "image_size": image_size, "action_horizon": ACTION_HORIZON},
+        "source": {"url": url, "layout": "webdataset", "codebase_version": None, "fps": None},
+        "tasks": {str(t): TASK_INSTRUCTIONS[t] if 0 <= t < len(TASK_INSTRUCTIONS) else "" for t in tasks},
+        "num_samples": sum(s["num_samples"] for s in shards),
+        "num_episodes": len(episodes),
+        "episodes": [episodes[e] for e in sorted(episodes)],
+        "shards": shards,
+        "skipped_episodes": [],
+    }
+    storage.write_bytes_atomic(fs, storage.join(root, MANIFEST_NAME), manifest_to_bytes(raw))
+    return raw

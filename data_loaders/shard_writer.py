@@ -137,6 +137,10 @@ def _check_images(images: dict[str, np.ndarray], *, size: int, where: str) -> No
 
 def _write_shard(fs: AbstractFileSystem, out_path: str, episode_index: int, part: int, first_frame: int,
                  samples: list[tuple[str, dict[str, bytes]]]) -> dict[str, Any]:
+    # The tar bytes come from webdataset's TarWriter (manifest.write_tar); its ShardWriter does not fit here: it
+    # numbers shards across one stream (ours are per episode and part, so parallel jobs and re-runs agree on
+    # names), writes each file straight to its final name (a killed writer would leave a truncated tar there,
+    # where ours publishes atomically) and opens URLs through gopen, which has no s3://.
     name = shard_name(episode_index, part)
     data = write_tar(samples)
     storage.with_retries(lambda: storage.write_bytes_atomic(fs, storage.join(out_path, name), data),
