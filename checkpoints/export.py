@@ -46,8 +46,12 @@ def export_artifact(out_url: str, *, state_dict: dict[str, torch.Tensor], model_
                     model_config: Any, train_config: dict[str, Any], norm_stats_url: str,
                     fast_tokenizer_url: str, step: int, keep_copy_in: str | None = None,
                     extra_state: dict[str, Any] | None = None,
-                    serving_config: ServingConfig | None = None) -> str:
+                    serving_config: ServingConfig | None = None,
+                    extra_files: dict[str, bytes] | None = None) -> str:
     """Write a serving artifact for `state_dict` to `out_url` (local or s3://); returns out_url.
+
+    `extra_files` ({relative path: bytes}) are added to the artifact as they are (e.g. an imported checkpoint's
+    original assets under openpi/); they may not replace one of the artifact's own files.
 
     With `keep_copy_in` (an empty local directory) the same files, state.json included, also stay there, e.g.
     for uploading to MLflow without reading the artifact back from object storage.
@@ -58,6 +62,13 @@ def export_artifact(out_url: str, *, state_dict: dict[str, torch.Tensor], model_
             _stage(staging, state_dict=state_dict, model_config_name=model_config_name, model_config=model_config,
                    train_config=train_config, norm_stats_url=norm_stats_url, fast_tokenizer_url=fast_tokenizer_url,
                    serving_config=serving_config)
+            for rel, data in (extra_files or {}).items():
+                dst = os.path.normpath(os.path.join(staging, rel))
+                if not dst.startswith(os.path.join(staging, "")) or os.path.exists(dst):
+                    raise ValueError(f"extra export file {rel!r} is outside the export or replaces one of its files")
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                with open(dst, "wb") as f:
+                    f.write(data)
         publish_staged(staging, out_url, step=step, extra_state=extra_state, keep_state_copy=bool(keep_copy_in))
     finally:
         if not keep_copy_in:

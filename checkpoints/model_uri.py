@@ -2,7 +2,10 @@
 
 A registry URI resolves, through the MLflow tracking server in $MLFLOW_TRACKING_URI, to a model version; its
 files are downloaded once into a local cache keyed by name and version (versions are immutable, aliases are not,
-so the alias is looked up every time and the version's files reused). Paths, file:// and s3:// URLs pass through.
+so the alias is looked up every time and the version's files reused). Paths, file:// and s3:// URLs pass through,
+except checkpoints in the openpi/1st-place layout (`<dir>/params/_METADATA`, optionally written `openpi:<dir>`):
+those are imported once into `<cache>/openpi/<fingerprint>` (models/pi_behavior/openpi_import.py) and the
+cached export is returned.
 """
 
 from __future__ import annotations
@@ -18,6 +21,14 @@ log = logging.getLogger(__name__)
 
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 STATE_FILE = "state.json"  # checkpoints.export writes it last: present = complete
+OPENPI_PREFIX = "openpi:"
+
+
+def _is_openpi(url: str) -> bool:
+    """An openpi/orbax checkpoint directory (and not a complete b1k-train export)."""
+    from models.pi_behavior.openpi_import import is_openpi_checkpoint
+
+    return is_openpi_checkpoint(os.path.expanduser(url))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +70,12 @@ def lookup(uri: str, *, tracking_uri: str | None = None) -> ModelRef:
 
 
 def resolve_model_url(url: str, *, tracking_uri: str | None = None) -> str:
-    """A URL `load_exported` can read: registry URIs become a local cached copy of the version's files."""
+    """A URL `load_exported` can read: registry URIs become a local cached copy of the version's files, openpi
+    checkpoints a cached import."""
+    if url.startswith(OPENPI_PREFIX) or (not is_model_uri(url) and _is_openpi(url)):
+        from models.pi_behavior.openpi_import import cached_import
+
+        return cached_import(os.path.expanduser(url.removeprefix(OPENPI_PREFIX)), cache_root())
     if not is_model_uri(url):
         return url
     ref = lookup(url, tracking_uri=tracking_uri)

@@ -51,7 +51,7 @@ def _load_mapping(path: str) -> list[Route]:
     for name, entry in doc["checkpoints"].items():
         if not isinstance(entry, dict) or "path" not in entry or not isinstance(entry.get("tasks"), list):
             raise ValueError(f"{path}: checkpoint {name!r} needs a \"path\" and a \"tasks\" list")
-        url = str(entry["path"])
+        url = os.path.expanduser(str(entry["path"]))  # the seed's mapping says "~/models/checkpoint_1"
         if not (is_model_uri(url) or "://" in url or os.path.isabs(url)):
             url = storage.join(base, url)
         for t in entry["tasks"]:

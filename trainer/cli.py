@@ -94,6 +94,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    import os
+
+    from models.pi_behavior.openpi_import import import_checkpoint
+    from models.xvla.published import import_xvla, is_xvla_checkpoint
+
+    src = args.checkpoint if "://" in args.checkpoint else os.path.abspath(os.path.expanduser(args.checkpoint))
+    out = args.out if "://" in args.out else os.path.abspath(os.path.expanduser(args.out))
+    if is_xvla_checkpoint(src):
+        summary = import_xvla(src, out)
+    else:
+        summary = import_checkpoint(src, out, model_config=args.model_config)
+    print(f"imported {src} -> {out}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if k != "source"))
+    return 0
+
+
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from trainer.overrides import apply_overrides
     from trainer.pipeline import Pipeline, print_outcome
@@ -273,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", default=None, help="artifact URL (default: <run>/exports/step_<n>)")
     ex.add_argument("--set", action="append", metavar="KEY=VALUE", help="the overrides the run was trained with")
     ex.set_defaults(func=_cmd_export)
+
+    im = sub.add_parser("import", help="turn a published checkpoint into a b1k-train export: a 1st-place/openpi "
+                        "pi-behavior dir (<ckpt>/params orbax + assets/) or an X-VLA BEHAVIOR dir "
+                        "(model.safetensors + config.json); local or s3://. docs/published_checkpoints.md")
+    im.add_argument("checkpoint", help="the checkpoint directory, e.g. ~/models/checkpoint_1")
+    im.add_argument("--out", required=True, help="export directory or s3:// prefix to write")
+    im.add_argument("--model-config", default="auto", help="pi-behavior architecture (tiny | full; default: the one "
+                    "whose shapes the checkpoint has)")
+    im.set_defaults(func=_cmd_import)
 
     pl = sub.add_parser("pipeline", help="pretrain on all tasks -> per-subset fine-tunes -> held-out eval -> export "
                         "-> MLflow registry (@challenger) -> task_checkpoint_mapping.json; re-running resumes",

@@ -78,7 +78,8 @@ class TrainConfig:
     family: str = "pi_behavior"  # model family: "pi_behavior" | "xvla"
     model: str = "full"  # architecture config of the family: "tiny" | "full"
     # "" (random) | "export:<artifact url>" (a b1k-train export of the same family) | pi-behavior:
-    # "paligemma:<dir>", "pi05:<model.safetensors>" | X-VLA: "xvla:<dir>" (X-VLA-Pt or an X-VLA checkpoint dir)
+    # "paligemma:<dir>", "pi05:<model.safetensors>", "openpi:<dir>" (a 1st-place/openpi checkpoint, imported into
+    # the model cache on first use) | X-VLA: "xvla:<dir>" (X-VLA-Pt or an X-VLA checkpoint dir)
     init_from: str = ""
     # X-VLA init_from: prompt/classifier modules that may start fresh when the checkpoint lacks them or their shape
     # differs (e.g. "skill_classifier,skill_prompt_hub"; "*" = any); without it such a checkpoint fails to load.
@@ -111,7 +112,8 @@ class TrainConfig:
             raise ValueError(f"family {self.family!r} is not one of {FAMILIES}")
         if self.model not in ("tiny", "full"):
             raise ValueError(f"model {self.model!r} is not a {self.family} config; use tiny or full")
-        prefixes = ("export:",) + (("paligemma:", "pi05:") if self.family == "pi_behavior" else ("xvla:",))
+        family_prefixes = ("paligemma:", "pi05:", "openpi:") if self.family == "pi_behavior" else ("xvla:",)
+        prefixes = ("export:",) + family_prefixes
         if self.init_from and not self.init_from.startswith(prefixes):
             raise ValueError(f"init_from {self.init_from!r} for family {self.family} must start with one of "
                              f"{prefixes}")

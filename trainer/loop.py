@@ -53,9 +53,12 @@ def make_init_fn(cfg: TrainConfig, norm: NormStats, device: torch.device):
             model.to_empty(device=device)
         model.init_weights()
         kind, _, path = cfg.init_from.partition(":")
-        if kind == "export":
+        if kind in ("export", "openpi"):
             # A b1k-train serving artifact (e.g. the 50-task pretrain for a fine-tune): every module's weights.
-            # Registry URIs (export:models:/NAME@champion) resolve to a cached local copy.
+            # Registry URIs (export:models:/NAME@champion) resolve to a cached local copy, openpi/1st-place
+            # checkpoints (openpi:<dir>, or export:<dir> of one) to a cached import.
+            if kind == "openpi":
+                path = "openpi:" + path
             from checkpoints.export import MODEL_FILE
             from checkpoints.model_uri import resolve_model_url
             from trainer.parallel import load_full_state_dict
