@@ -4,6 +4,10 @@ The training process spends real time per batch on receiving samples from the Da
 unpickling) and collating them (measured in bench/README.md: ~8 ms per batch of 4 at 224^2, 3 cameras). Those
 calls release the GIL, so a thread can do them while the trainer's forward/backward runs, and `next()` on
 the training thread only takes a ready batch off a queue.
+
+torchdata's StatefulDataLoader (which runs the workers, stream.py) has no such thread: its only one is the CUDA
+pin-memory thread, and collating inside the workers would make each batch come from one slot. The thread also
+lets the loader hand out the StatefulDataLoader state taken after each batch, not after what it prefetched.
 """
 
 from __future__ import annotations
