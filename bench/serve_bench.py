@@ -8,7 +8,12 @@ evaluator does. Reported per step (most steps come from the planned chunk) and p
 Throughput: 1, 4 and 16 concurrent clients, every step an inference (chunking off), with batching on
 (window 2 ms, max batch 16) and off (`--no-batching`). Ratio = steps/s batching on / off.
 
-    .venv/bin/python bench/serve_bench.py     # ~3 min on 2 cores
+Heavy neighbours (issue 16): a 224-px evaluator's step latency alone (the baseline) and while 4 other clients,
+each in its own process, send maximal frames back to back: three 1024x1024 RGBA cameras (--max-image-side) with
+DefaultWrapper's depth and segmentation, 48 MiB each. Ratio = p95 with the heavy clients / p95 alone (target <= 2).
+
+    .venv/bin/python bench/serve_bench.py                # all parts, ~5 min on 2 cores
+    .venv/bin/python bench/serve_bench.py --only heavy   # the heavy-neighbour part, ~1 min
 """
 
 from __future__ import annotations
@@ -73,16 +78,22 @@ class Server:
         self.proc.wait(timeout=60)
 
 
+def timed_steps(client: EvaluatorClient, frames: list[bytes]) -> list[float]:
+    """ms from sending each (already encoded: that is the client's cost) frame to its reply."""
+    out = []
+    for frame in frames:
+        t0 = time.perf_counter()
+        client.ws.send(frame)
+        client.ws.recv(timeout=120)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
 def over_websocket(export: str, observations: list[dict], overrides: list[str]) -> list[float]:
     srv = Server(export, *[a for o in overrides for a in ("--set", o)])
     try:
-        client, out = EvaluatorClient("127.0.0.1", srv.port), []
-        frames = [pack(o) for o in observations]  # encoding is the client's cost, not the server's
-        for frame in frames:
-            t0 = time.perf_counter()
-            client.ws.send(frame)
-            client.ws.recv(timeout=60)
-            out.append((time.perf_counter() - t0) * 1e3)
+        client = EvaluatorClient("127.0.0.1", srv.port)
+        out = timed_steps(client, [pack(o) for o in observations])
         client.close()
     finally:
         srv.stop()
@@ -125,13 +136,84 @@ def throughput(export: str, clients: int, batching: bool, seconds: float) -> dic
     return {"clients": clients, "batching": batching, "steps_per_s": round(sum(counts) / elapsed, 1)}
 
 
+def maximal_frame(side: int = 1024) -> bytes:
+    """The largest observation the default limits admit: DefaultWrapper's keys with every camera at
+    --max-image-side (48 MiB)."""
+    obs = observation(0, size=side)
+    for key in [k for k in obs if k.endswith("::rgb")]:
+        base = key[: -len("::rgb")]
+        obs[f"{base}::depth_linear"] = np.ones((side, side), np.float32)
+        obs[f"{base}::seg_semantic"] = np.zeros((side, side), np.uint32)
+        obs[f"{base}::seg_instance_id"] = np.zeros((side, side), np.uint32)
+    return pack(obs)
+
+
+def heavy_client(port: int) -> None:
+    """Runs in its own process: send maximal frames back to back, each after the previous reply, until killed."""
+    frame = maximal_frame()
+    client = EvaluatorClient("127.0.0.1", port)
+    print(f"ready {len(frame)}", flush=True)
+    while True:
+        client.ws.send(frame)
+        client.ws.recv(timeout=300)
+
+
+def light_steps(port: int, steps: int) -> list[float]:
+    client = EvaluatorClient("127.0.0.1", port)
+    client.act(observation(0))  # warm
+    client.reset()
+    out = timed_steps(client, [pack(observation(0, seed=i)) for i in range(steps)])
+    client.close()
+    return out
+
+
+def heavy_neighbours(export: str, steps: int, heavy: int = 4, rounds: int = 3) -> dict:
+    """Alone and with the heavy clients, alternated `rounds` times (the heavy processes are stopped with SIGSTOP
+    in between), so both see the same background load of the machine."""
+    srv = Server(export)
+    procs: list[subprocess.Popen] = []
+    alone: list[float] = []
+    loaded: list[float] = []
+    try:
+        light_steps(srv.port, 20)  # the server is up and warm
+        procs = [subprocess.Popen([sys.executable, __file__, "--heavy-client", str(srv.port)], stdout=subprocess.PIPE,
+                                  text=True) for _ in range(heavy)]
+        sizes = [int(p.stdout.readline().split()[1]) for p in procs]
+        for _ in range(rounds):
+            for p in procs:
+                p.send_signal(signal.SIGSTOP)
+            time.sleep(1.0)  # what they had sent is answered
+            alone += light_steps(srv.port, steps // rounds)
+            for p in procs:
+                p.send_signal(signal.SIGCONT)
+            time.sleep(2.0)  # steady state
+            loaded += light_steps(srv.port, steps // rounds)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+        srv.stop()
+    q = {name: {f"p{k}": round(float(np.percentile(xs, k)), 2) for k in (50, 95, 99)}
+         for name, xs in (("alone", alone), ("with_heavy", loaded))}
+    return {"heavy_clients": heavy, "heavy_frame_mib": round(sizes[0] / 2**20, 1), "light_steps": len(alone), **q,
+            "p95_ratio": round(q["with_heavy"]["p95"] / q["alone"]["p95"], 2)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--only", choices=["heavy"], default=None, help="run only the heavy-neighbour part")
+    p.add_argument("--heavy-client", type=int, default=None, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.heavy_client is not None:
+        heavy_client(args.heavy_client)
+        return
     with tempfile.TemporaryDirectory(prefix="b1k-serve-bench-") as root:
         export = make_artifacts(Path(root))["a"]
+        if args.only == "heavy":
+            print(json.dumps(heavy_neighbours(export, args.steps), indent=1))
+            return
         obs = [observation(0, seed=i) for i in range(args.steps)]
         result: dict = {"latency_ms": {}, "throughput": []}
         for label, overrides, steps in (("chunked", [], obs), ("every_step_inference", ["chunking=false"],
@@ -147,11 +229,13 @@ def main() -> None:
             result["throughput"].append({"clients": clients, "batching_on": on["steps_per_s"],
                                          "batching_off": off["steps_per_s"],
                                          "ratio_on_over_off": round(on["steps_per_s"] / off["steps_per_s"], 2)})
+        result["heavy_neighbours"] = heavy_neighbours(export, args.steps)
     print(json.dumps(result, indent=1))
     lat = result["latency_ms"]["chunked"]
     print(f"server overhead p50 {lat['overhead_p50_ms']:.2f} ms per step (server {lat['server']['p50']:.2f} ms vs "
           f"in-process {lat['in_process']['p50']:.2f} ms); batching ratio at 16 clients "
-          f"{result['throughput'][-1]['ratio_on_over_off']:.2f}x")
+          f"{result['throughput'][-1]['ratio_on_over_off']:.2f}x; p95 with 4 heavy clients "
+          f"{result['heavy_neighbours']['p95_ratio']:.2f}x alone")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@ keys of their own for /admin/*, TLS, and bounds on message size, image size, con
 that the BEHAVIOR evaluator never hits.
 
 Memory: websockets buffers no message ahead of the one being answered beyond one (`READ_AHEAD_MESSAGES`), so the
-server holds at most 2 messages per open connection, each at most `max_message_mb`, plus one decoded copy per
-decode worker: at most max_message_mb x (2 x max_connections + decode workers) for messages in flight.
+server holds at most 2 messages per open connection, each at most `max_message_mb`, plus the decoded copy of the
+one large message being decoded (serving/decoding.py): at most max_message_mb x (2 x max_connections + 1) for
+messages in flight, e.g. 64 MB x 129 = 8.1 GB with the defaults (lower --max-connections to fit a smaller pod);
+while a frame is being received, websockets briefly holds up to two more copies of it (unmasking).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class SecurityConfig:
     max_connections: int = 64  # evaluator processes; each holds one connection for its whole run
     idle_timeout_s: float = 1800.0  # an evaluator between episodes (scene reset) stays well below this
     max_image_side: int = DEFAULT_MAX_IMAGE_SIDE  # larger camera frames are a bad request
-    decode_workers: int = 2  # threads that decode and resize messages, off the event loop
+    decode_workers: int = 2  # threads that decode and resize small messages, off the event loop
+    large_frame_share: float = 0.25  # of the wall time for frames above 4 MB while small ones are served
     tls_cert: str | None = None
     tls_key: str | None = None
 

@@ -15,16 +15,15 @@ Security (serving/security.py): with API keys configured, everything but /health
 cap close the connection with 1009, connections beyond the cap get 503, and a connection idle for too long is
 closed with 1001.
 
-The event loop only moves bytes: decoding a message (msgpack, image checks, resizing) runs on a small thread pool
-and inference on the batcher's thread, so clients sending full-resolution frames do not hold up the others.
+The event loop only moves bytes: decoding a message (msgpack, image checks, resizing) runs on threads that keep
+small frames apart from large ones and limit the large ones' share (serving/decoding.py), and inference runs on
+the batcher's thread, so clients sending full-resolution frames do not hold up the others.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import errno
-import functools
 import http
 import itertools
 import json
@@ -38,10 +37,10 @@ import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from data_loaders.behavior_facts import NUM_TASKS
 from serving.batcher import InferenceBatcher
 from serving.control.session import ControlSession
-from serving.observation import Observation, decode
+from serving.decoding import Decoder
+from serving.observation import Observation
 from serving.router import ModelRouter
 from serving.security import READ_AHEAD_MESSAGES, SecurityConfig, authorized
 from serving.wire import ProtocolError, pack
@@ -73,8 +72,8 @@ class PolicyServer:
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._decoder = concurrent.futures.ThreadPoolExecutor(self.security.decode_workers,
-                                                              thread_name_prefix="b1k-decode")
+        self.decode = Decoder(workers=self.security.decode_workers, max_image_side=self.security.max_image_side,
+                              large_share=self.security.large_frame_share)
 
     # --- HTTP side --------------------------------------------------------------------------------------------
 
@@ -134,11 +133,6 @@ class PolicyServer:
             return policy
         return await asyncio.get_running_loop().run_in_executor(None, self.router.get, task)
 
-    async def _decode(self, message: bytes) -> Observation | None:
-        """Decode off the event loop: a 48 MB frame takes tens of ms of msgpack, checks and resizing."""
-        return await asyncio.get_running_loop().run_in_executor(self._decoder, functools.partial(
-            decode, message, num_tasks=NUM_TASKS, max_image_side=self.security.max_image_side))
-
     async def _step(self, session: ControlSession, obs: Observation | None) -> dict[str, Any] | None:
         if obs is None:  # {"reset": true}
             session.reset()
@@ -172,7 +166,7 @@ class PolicyServer:
                 try:
                     if isinstance(message, str):
                         raise ProtocolError("text frames are not part of the protocol: send binary msgpack frames")
-                    obs = await self._decode(message)
+                    obs = await self.decode(message)  # off the event loop
                     del message  # the observation holds only the resized images: free the frame now
                     reply = await self._step(session, obs)
                 except Exception as e:  # noqa: BLE001 - bad input or a failed inference ends this connection only
@@ -256,7 +250,7 @@ class PolicyServer:
             await self._stop.wait()
             warm.cancel()
         await self.batcher.stop()
-        self._decoder.shutdown(wait=False, cancel_futures=True)
+        self.decode.shutdown()
 
     def serve_forever(self) -> None:
         """Serve until SIGTERM/SIGINT; re-raises the error if the models cannot be loaded."""

@@ -143,9 +143,9 @@ def test_max_image_side_option_and_the_largest_accepted_frame(artifacts, server)
 def test_decoding_runs_off_the_event_loop(server, monkeypatch):
     """A decode that takes 1.5 s (as a 48 MB frame does on a loaded machine, scaled up) must not stall other
     connections: their steps go on meanwhile."""
-    import serving.server as server_module
+    import serving.decoding as decoding
 
-    real = server_module.decode
+    real = decoding.decode
     slow_started = threading.Event()
 
     def decode(message, **kwargs):
@@ -154,7 +154,7 @@ def test_decoding_runs_off_the_event_loop(server, monkeypatch):
             time.sleep(1.5)
         return real(message, **kwargs)
 
-    monkeypatch.setattr(server_module, "decode", decode)
+    monkeypatch.setattr(decoding, "decode", decode)
     light = EvaluatorClient("127.0.0.1", server.port)
     heavy = EvaluatorClient("127.0.0.1", server.port)
     try:
