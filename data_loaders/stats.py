@@ -97,10 +97,11 @@ class StatsAccumulator:
             action_mask: np.ndarray, task: int | None = None, stage: int | None = None,
             skill: int = -1) -> None:
         """Offer one sample: state (23,), actions (30, 23) absolute, action_mask (30,) bool; with its task and
-        stage label, the sample also counts towards the gripper-closure table."""
+        stage label, the sample also counts towards the gripper-closure table (its gripper *state*: fully closed or
+        not)."""
         self._frames.append((episode, frame, state))
         if task is not None and stage is not None:
-            self.grippers.add(task, stage, actions[0])
+            self.grippers.add(task, stage, state)
         if 0 <= skill < NUM_SKILLS:
             self.skill_counts[skill] += 1
         if bool(np.all(action_mask)):

@@ -13,6 +13,12 @@ from typing import Any
 from data_loaders.behavior_facts import ACTION_HORIZON
 
 SERVING_FILE = "serving.json"
+GRIPPER_RULES = ("data", "seed", "off")
+# X-VLA's serving settings: none of pi-behavior's own inference tricks (no stage head, so no voting and no
+# stage-dependent rule; no inpainting; no 26->20 speed-up). Its exports write them; a directory without
+# serving.json gets them for every field a --set did not move off pi-behavior's default (serving/policy_xvla.py).
+XVLA_SETTINGS = {"inpainting": False, "stage_voting": False, "interpolation": False, "gripper_rule": "off",
+                 "radio_rule": False}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -29,10 +35,12 @@ class ServingConfig:
     stage_voting: bool = True  # False: the stage input is the argmax of the last stage prediction
     vote_history: int = 3
     votes_to_advance: int = 2
-    # Gripper correction (§4.4), from the closure table in the artifact's norm stats.
-    gripper_correction: bool = True
+    # Correction rules (§4.4; serving/control/rules.py). Only the first matching rule applies per chunk.
+    # "data": the export's table of fully closed demo frames, "seed": the 1st-place hand tables, "off".
+    gripper_rule: str = "data"
+    radio_rule: bool = True  # task 0 (turning on the radio): stage 4 -> 2, empty grasps opened from stage 2 on
     closed_threshold: float = -0.98  # gripper state below this = fully closed, i.e. a grasp that holds nothing
-    min_close_fraction: float = 0.01  # closing is expected where >= this share of the demo frames close
+    min_close_fraction: float = 0.01  # fully closed is "expected" where >= this share of the demo frames are
     # Sampler.
     num_inference_steps: int = 20
     seed: int = 0  # noise is keyed by (seed, task, inference index since reset): replays are exact
@@ -53,6 +61,13 @@ class ServingConfig:
             raise ValueError("num_inference_steps must be >= 1")
         if not 0.0 <= self.min_close_fraction <= 1.0:
             raise ValueError("min_close_fraction must be in [0, 1]")
+        if self.gripper_rule not in GRIPPER_RULES:
+            raise ValueError(f"gripper_rule must be one of {', '.join(GRIPPER_RULES)}, got {self.gripper_rule!r}")
+
+    @property
+    def gripper_correction(self) -> bool:
+        """Whether a gripper rule is on (the switch older serving.json files and callers use)."""
+        return self.gripper_rule != "off"
 
     @property
     def speedup(self) -> float:
@@ -67,8 +82,23 @@ class ServingConfig:
         """From serving.json; ValueError naming `where` and the field (unknown name, wrong type, bad value)."""
         from checkpoints.json_fields import build
 
+        doc = dict(doc)
+        legacy = doc.pop("gripper_correction", None)  # serving.json before gripper_rule: a bool switch
+        if legacy is not None:
+            if not isinstance(legacy, bool):
+                raise ValueError(f"{where}: field 'gripper_correction' must be a boolean, got {legacy!r}")
+            if not legacy:
+                doc.setdefault("gripper_rule", "off")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(doc) - known)
         if unknown:
             raise ValueError(f"{where}: unknown serving settings {unknown}; known: {sorted(known)}")
         return build(cls, doc, where=where)
+
+
+def xvla_settings(cfg: ServingConfig) -> ServingConfig:
+    """`cfg` with XVLA_SETTINGS for every field still at pi-behavior's default (a --set that moved a field keeps
+    it; one that set a field to pi-behavior's default value cannot be told apart and is replaced)."""
+    default = ServingConfig()
+    keep = {k: v for k, v in XVLA_SETTINGS.items() if getattr(cfg, k) == getattr(default, k)}
+    return dataclasses.replace(cfg, **keep)

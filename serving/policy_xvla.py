@@ -2,9 +2,14 @@
 table), serving.json and instructions.json (the task sentences the model was trained with).
 
 The server knows the task, not the current skill: the instruction is the task sentence, and the skill prompt comes
-from the model's own classifier (generate_actions without skill_id), as the variant is meant to be used. X-VLA has
-no stage head and no inpainting, so those controls must be off; chunking, resampling and the gripper correction
-apply as for pi-behavior.
+from the model's own classifier (generate_actions without skill_id), as the variant is meant to be used.
+
+X-VLA has no stage head and no inpainting, and pi-behavior's inference tricks are not part of it: its serving
+settings (serving/config.py XVLA_SETTINGS, written by its exports, applied to a directory without serving.json) turn
+off inpainting, stage voting, the 26->20 speed-up and both correction rules; chunking stays. The model is served
+as having no stage source (PolicyInfo.stage_source False): the radio rule never runs, and a gripper rule asked for
+with --set gripper_rule=data|seed is stage-free (it fires only where fully closed is rare in every stage of the
+task), so no rule ever reads the placeholder stage.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 
 from data_loaders.behavior_facts import MAX_NUM_STAGES, TASK_NUM_STAGES
 from data_loaders.instructions import task_sentence
-from serving.config import ServingConfig
+from serving.config import ServingConfig, xvla_settings
 from serving.control.gripper import GripperCorrection
 from serving.control.session import InferenceRequest, InferenceResult, PolicyInfo
 
@@ -49,11 +54,18 @@ class XVLAServingPolicy:
 
         local_dir = localize(local_dir)  # s3:// -> a local copy of the files
         model, state = load_checkpoint(local_dir, device=device)
-        if not os.path.exists(os.path.join(local_dir, SERVING_FILE)) and (cfg.inpainting or cfg.stage_voting):
-            # An X-VLA directory that is no export of ours (LeRobot's, X-VLA's published): serving defaults are
-            # pi-behavior's, and X-VLA has neither inpainting nor a stage head.
-            log.info("%s: no %s; inpainting and stage voting off for X-VLA", local_dir, SERVING_FILE)
-            cfg = dataclasses.replace(cfg, inpainting=False, stage_voting=False)
+        if not os.path.exists(os.path.join(local_dir, SERVING_FILE)):
+            # An X-VLA directory that is no export of ours (LeRobot's, X-VLA's published): the defaults are
+            # pi-behavior's; X-VLA's replace every one a --set did not move.
+            xvla = xvla_settings(cfg)
+            moved = {f.name: getattr(xvla, f.name) for f in dataclasses.fields(cfg)
+                     if getattr(xvla, f.name) != getattr(cfg, f.name)}
+            if moved:
+                log.info("%s: no %s; X-VLA's serving settings %s", local_dir, SERVING_FILE, moved)
+            cfg = xvla
+        if cfg.gripper_correction or cfg.radio_rule:
+            log.info("%s: X-VLA has no stage source: the radio rule is off and the gripper rule (%s) stage-free",
+                     local_dir, cfg.gripper_rule)
         instructions: dict[int, str] = {}
         path = os.path.join(local_dir, INSTRUCTIONS_FILE)
         if os.path.exists(path):
@@ -76,7 +88,7 @@ class XVLAServingPolicy:
 
     def info(self, task: int) -> PolicyInfo:
         return PolicyInfo(key=self.name, cfg=self.cfg, num_stages=int(TASK_NUM_STAGES[task]),
-                          correction=self.correction if self.cfg.gripper_correction else None)
+                          correction=self.correction if self.cfg.gripper_correction else None, stage_source=False)
 
     def infer(self, reqs: list[InferenceRequest]) -> list[InferenceResult]:
         """One absolute (30, 23) chunk per request; each request's noise is a function of its key."""
@@ -98,5 +110,6 @@ class XVLAServingPolicy:
                 steps=cfg.num_sampling_steps, noise=noise)
         ms = (time.perf_counter() - t0) * 1e3
         out = actions.float().cpu().numpy()
+        # No stage head: placeholder logits, never read by a rule (stage_source=False) nor voted on.
         return [InferenceResult(actions=out[i], stage_logits=np.zeros(MAX_NUM_STAGES, np.float32), infer_ms=ms)
                 for i in range(len(reqs))]

@@ -138,13 +138,14 @@ def flops_per_sample(model_cfg: XVLAConfig) -> float:
 def export(state: dict[str, torch.Tensor], cfg: TrainConfig, data, out_url: str, *, step: int,
            extra_state: dict[str, Any] | None, keep_copy_in: str | None = None) -> str:
     """The seed's layout (model.safetensors, config.json, tokenizer files, state.json last) plus the policy
-    server's norm_stats.json and serving.json (X-VLA has no stage head and no inpainting: both off)."""
+    server's norm_stats.json and serving.json (XVLA_SETTINGS: no stage head, no inpainting, none of pi-behavior's
+    speed-up or correction rules)."""
     from safetensors.torch import save_file
 
     from checkpoints.export import NORM_FILE, publish_staged
     from data_loaders.manifest import load_manifest
     from models.xvla.checkpoint import CONFIG_FILE, MODEL_FILE, config_to_json
-    from serving.config import SERVING_FILE, ServingConfig
+    from serving.config import SERVING_FILE, XVLA_SETTINGS, ServingConfig
     from serving.policy_xvla import INSTRUCTIONS_FILE
 
     staging = keep_copy_in or tempfile.mkdtemp(prefix="b1k-xvla-export-")
@@ -160,7 +161,7 @@ def export(state: dict[str, torch.Tensor], cfg: TrainConfig, data, out_url: str,
         with open(os.path.join(staging, INSTRUCTIONS_FILE), "w") as f:
             json.dump({str(k): v for k, v in load_manifest(data.shards).tasks.items()}, f, indent=1)
         with open(os.path.join(staging, SERVING_FILE), "w") as f:
-            f.write(ServingConfig(inpainting=False, stage_voting=False).to_json())
+            f.write(ServingConfig(**XVLA_SETTINGS).to_json())
         publish_staged(staging, out_url, step=step, extra_state=extra_state, keep_state_copy=bool(keep_copy_in))
     finally:
         if not keep_copy_in:

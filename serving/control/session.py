@@ -8,8 +8,10 @@ The server drives it once per env step:
         session.accept(obs.state, result)     # corrections -> chunk plan -> stage vote
     action = session.next_action()
 
-Order inside `accept` follows the reference wrapper: the correction rule sees the chunk first (and the rows
-kept for inpainting are taken after it), then the chunk is planned, then the stage prediction is voted on.
+Order inside `accept` follows the reference wrapper: the correction rules see the chunk first (and the rows
+kept for inpainting are taken after it; a stage correction clears the vote history), then the chunk is planned,
+then the stage prediction is voted on. A model without a stage source (`PolicyInfo.stage_source` False: X-VLA)
+never has its placeholder stage used by a rule: the rules get stage None (serving/control/rules.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import numpy as np
 
 from serving.config import ServingConfig
 from serving.control.chunking import plan_chunk
-from serving.control.gripper import GripperCorrection
+from serving.control.gripper import GripperCorrection, select_correction
+from serving.control.rules import apply_rules
 from serving.control.voting import StageVoter
 
 log = logging.getLogger(__name__)
@@ -51,7 +54,8 @@ class PolicyInfo:
     key: str  # identifies the loaded model (name and version)
     cfg: ServingConfig
     num_stages: int  # stages of the current task
-    correction: GripperCorrection | None  # None: the rule is off or the artifact has no closure table
+    correction: GripperCorrection | None  # from the export's table; None: the rule is off or there is no table
+    stage_source: bool = True  # False: the model predicts no stage (its stage logits are placeholders)
 
 
 class ControlSession:
@@ -59,6 +63,7 @@ class ControlSession:
         self.task: int | None = None
         self.info: PolicyInfo | None = None
         self.voter: StageVoter | None = None
+        self.correction: GripperCorrection | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -80,6 +85,7 @@ class ControlSession:
             self.task, self.info = task, info
             self.voter = StageVoter(info.num_stages, history=info.cfg.vote_history,
                                     votes_to_advance=info.cfg.votes_to_advance)
+            self.correction = select_correction(info.cfg, info.correction)
             self.reset()
 
     @property
@@ -102,11 +108,14 @@ class ControlSession:
         cfg = self.info.cfg
         actions = np.asarray(result.actions, dtype=np.float32)
         self.events = []
-        if cfg.gripper_correction and self.info.correction is not None:
-            actions, opened = self.info.correction.apply(self.task, self.stage, state, actions)
-            if opened:
-                self.events.append("open_" + "_".join(opened))
-                log.info("task %d stage %d: gripper correction opens %s", self.task, self.stage, opened)
+        stage = self.stage if self.info.stage_source else None
+        fixed = apply_rules(self.task, stage, state, actions, cfg, self.correction)
+        if fixed.events:
+            self.events.extend(fixed.events)
+            log.info("task %d stage %s: correction %s", self.task, stage, ", ".join(fixed.events))
+        actions = fixed.actions
+        if fixed.stage is not None and fixed.stage != stage:
+            self.voter.set_stage(fixed.stage)  # clears the vote history, as the reference
         plan = plan_chunk(actions, cfg)
         self.queue, self.index, self.kept = plan.execute, 0, plan.kept
         if plan.resampled:

@@ -163,20 +163,21 @@ def test_last_stage_is_never_left_and_predictions_are_clamped():
 
 # --- gripper correction and its closure table --------------------------------------------------------------------
 
-def action(left: float = 1.0, right: float = 1.0) -> np.ndarray:
+def grips(left: float = 1.0, right: float = 1.0) -> np.ndarray:
     a = np.zeros(23, np.float32)
     a[LEFT], a[RIGHT] = left, right
     return a
 
 
 def closure_table():
-    """Task 0: stage 1 never closes the left (100 frames), stage 2 closes it in 50 of 100, stage 3 has no frames,
-    stage 4 closes the left in 1 of 100; the right closes in every stage-1 frame and in no stage-2 frame."""
+    """Task 0 (gripper states): stage 1 never fully closes the left (100 frames), stage 2 in 50 of 100, stage 3
+    has no frames, stage 4 in 1 of 100 (the other 99 hold something at -0.5: not fully closed); the right is
+    fully closed in every stage-1 frame and in no stage-2 frame."""
     counter = GripperClosureCounter()
     for i in range(100):
-        counter.add(0, 1, action(1.0, -1.0))
-        counter.add(0, 2, action(-1.0 if i % 2 else 1.0, 1.0))
-        counter.add(0, 4, action(-0.5 if i == 0 else 0.0, 1.0))  # 0.0 is not "closing"
+        counter.add(0, 1, grips(1.0, -1.0))
+        counter.add(0, 2, grips(-1.0 if i % 2 else 1.0, 1.0))
+        counter.add(0, 4, grips(-0.99 if i == 0 else -0.5, 1.0))
     return counter.result()
 
 
@@ -230,29 +231,31 @@ def test_gripper_closure_json_round_trip_through_norm_stats():
 
 
 def fed_accumulator(samples: list[tuple[int | None, int | None, float, float]], seed: int = 0) -> StatsAccumulator:
-    """Samples of (task, stage, left, right) with action[0] grippers `left`/`right` and every later row closed."""
+    """Samples of (task, stage, left, right) with gripper *states* `left`/`right` and every action commanding
+    closing (the commanded action does not count)."""
     rng = np.random.default_rng(seed)
     acc = StatsAccumulator(sample_fraction=1.0, seed=0, max_quantile_samples=64)
     for i, (task, stage, left, right) in enumerate(samples):
         actions = rng.normal(size=(30, 23)).astype(np.float32)
         actions[:, LEFT] = actions[:, RIGHT] = -1.0
-        actions[0, LEFT], actions[0, RIGHT] = left, right
-        acc.add(episode=seed, frame=i, state=rng.normal(size=23).astype(np.float32), actions=actions,
-                action_mask=np.ones(30, bool), task=task, stage=stage)
+        st = rng.normal(size=23).astype(np.float32)
+        st[LEFT], st[RIGHT] = left, right
+        acc.add(episode=seed, frame=i, state=st, actions=actions, action_mask=np.ones(30, bool), task=task,
+                stage=stage)
     return acc
 
 
-def test_stats_accumulator_counts_gripper_closure_and_merges():
-    a = fed_accumulator([(3, 2, -1.0, 1.0), (3, 2, -0.1, -1.0), (3, 2, -1.0, 0.0), (3, 2, 1.0, 1.0),
+def test_stats_accumulator_counts_fully_closed_states_and_merges():
+    a = fed_accumulator([(3, 2, -1.0, 1.0), (3, 2, -0.97, -1.0), (3, 2, -1.0, 0.0), (3, 2, 1.0, 1.0),
                          (3, 5, 1.0, 1.0), (3, 5, 0.5, 0.0), (None, None, -1.0, -1.0)])
     table = a.finalize(manifest_sha256="0" * 64).gripper_closure
     assert table.frames[3, 2] == 4 and table.frames[3, 5] == 2 and table.frames.sum() == 6
-    assert table.closed[3, 2].tolist() == [3, 1] and table.closed[3, 5].tolist() == [0, 0]
-    assert table.closed.sum() == 4
+    assert table.closed[3, 2].tolist() == [2, 1] and table.closed[3, 5].tolist() == [0, 0]  # -0.97: holding
+    assert table.closed.sum() == 3
     b = fed_accumulator([(3, 2, -1.0, -1.0), (49, 14, -1.0, 1.0)], seed=1)
     a.merge(b)
     merged = a.finalize(manifest_sha256="0" * 64).gripper_closure
-    assert merged.frames[3, 2] == 5 and merged.closed[3, 2].tolist() == [4, 2]
+    assert merged.frames[3, 2] == 5 and merged.closed[3, 2].tolist() == [3, 2]
     assert merged.frames[49, 14] == 1 and merged.closed[49, 14].tolist() == [1, 0] and merged.frames.sum() == 8
     unlabeled = fed_accumulator([(None, None, -1.0, -1.0)] * 2)
     assert unlabeled.finalize(manifest_sha256="0" * 64).gripper_closure is None
