@@ -83,6 +83,22 @@ def read_safetensors(url: str) -> dict[str, torch.Tensor]:
     return load_bytes(fs.cat_file(path))
 
 
+def _quiet_ray_worker_logs() -> None:
+    """Logs a person can read. Ray's worker-side "Checkpoint successfully created" comes before the checkpoint is
+    committed (the controller says "committed" once it is: checkpoints/retention.py) and "Reporting training result"
+    dumps every metric dict: both go to DEBUG. Ray Train also re-routes print() through the root logger while
+    echoing it to a wrapped stdout (ours redacts secrets), which printed every progress line twice."""
+    import builtins
+
+    from ray.train.v2._internal.execution import context as ray_context
+    from ray.train.v2._internal.logging import patch_print
+
+    level = logging.DEBUG if os.environ.get("B1K_DEBUG") else logging.WARNING
+    logging.getLogger("ray.train.v2._internal.execution").setLevel(level)
+    logging.getLogger(ray_context.__file__).setLevel(level)  # that module names its logger by file path
+    builtins.print = getattr(patch_print, "_original_print", builtins.print)
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. loop_config: {"config": TrainConfig, "data": DataArtifacts, "run_dir": URL,
     "run_name": str, "tracking_dir": local dir for the default MLflow store}."""
@@ -91,10 +107,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from trainer import redact
 
     redact.install()  # this worker's logs and output: same protection as the driver's
-    # Ray's worker-side "Checkpoint successfully created" (said before the checkpoint is committed) and its
-    # per-report metric dicts: the controller says "committed" once it is (checkpoints/retention.py).
-    logging.getLogger("ray.train.v2._internal.execution").setLevel(
-        logging.DEBUG if os.environ.get("B1K_DEBUG") else logging.WARNING)
+    _quiet_ray_worker_logs()
     cfg: TrainConfig = loop_config["config"]
     data = loop_config["data"]
     ctx = ray.train.get_context()

@@ -145,7 +145,7 @@ def _supervise(run_attempt: Callable[[int], Any], failures: FailureLog, started:
         if before_attempt is not None:
             before_attempt()
         try:
-            return run_attempt(attempt)
+            return _in_a_thread(run_attempt, attempt)
         except TrainingFailedError as e:
             entry = failures.add(attempt, e)
             session_failures += 1
@@ -159,6 +159,27 @@ def _supervise(run_attempt: Callable[[int], Any], failures: FailureLog, started:
                 raise RunFailedError(f"{verdict}. Last errors:\n  {last}\nFix the cause and re-run the same command: "
                                      f"it resumes from the last committed checkpoint under {run_dir_url}.") from e
             print(f"[supervisor] restarting from the last committed checkpoint (attempt {attempt + 1})", flush=True)
+
+
+def _in_a_thread(fn: Callable[[int], Any], attempt: int) -> Any:
+    """Run one attempt off the main thread. Ray Train's fit() installs its own SIGINT handler when it runs in the
+    main thread, turning Ctrl-C into an abort that ends in SystemExit with no word of what was kept; here the
+    main thread keeps Ctrl-C (and our SIGTERM) as a KeyboardInterrupt that says where to resume."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(attempt)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread as is
+            box["error"] = e
+
+    worker = threading.Thread(target=target, name=f"b1k-attempt-{attempt}", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def resume_command() -> str:

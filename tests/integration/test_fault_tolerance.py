@@ -134,7 +134,7 @@ def test_nan_steps_are_skipped_then_rolled_back(prepared, tmp_path, strategy):
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_and_the_older_one_used(prepared, reference, tmp_path, monkeypatch):
-    """Rank 1 dies before step 5; before the restart the newest committed checkpoint (step 4) gets a pickle that
+    """Rank 1 dies before step 6; before the restart the newest committed checkpoint (step 4) gets a pickle that
     would create a marker file in place of its engine shard. The restart verifies it, skips it with one warning
     naming the file, marks it DAMAGED.json, resumes from step 2 and still ends bitwise equal to the uninterrupted
     run. Nothing is unpickled, and the replay does not write into the damaged directory."""
@@ -153,8 +153,8 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_older_one_used(prepared,
     def sweep_then_damage(run_dir):
         attempts.append(run_dir)
         if len(attempts) == 2:  # after the failed first attempt: damage its newest committed checkpoint
-            newest = os.path.join(run_dir, committed_checkpoints(run_dir)[-1])
-            assert newest.endswith("checkpoint_000000004"), newest
+            assert committed_checkpoints(run_dir) == ["checkpoint_000000002", "checkpoint_000000004"]
+            newest = os.path.join(run_dir, "checkpoint_000000004")
             shard = next(os.path.join(d, n) for d, _, ns in os.walk(os.path.join(newest, "engine"))
                          for n in ns if n.endswith(".safetensors"))
             with open(shard, "wb") as f:
@@ -162,7 +162,8 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_older_one_used(prepared,
         return real_sweep(run_dir)
 
     monkeypatch.setattr(launch, "sweep_orphans", sweep_then_damage)
-    cfg = config(prepared, "fault.kill_rank=1", "fault.at_step=5", "resilience.async_checkpoint=false")
+    # At step 6, a step after the save: the controller has registered checkpoint 4 by then.
+    cfg = config(prepared, "fault.kill_rank=1", "fault.at_step=6", "resilience.async_checkpoint=false")
     summary = fit(cfg, run_name="damaged", storage_url=str(tmp_path), num_workers=2)
     assert len(attempts) == 2 and not marker.exists()
     assert read_train_state(summary["checkpoint"])["step"] == STEPS
