@@ -25,7 +25,7 @@ import time
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from data_loaders import storage
 from serving.config import SERVING_FILE, ServingConfig
@@ -134,49 +134,18 @@ def publish_staged(staging: str, out_url: str, *, step: int, extra_state: dict[s
 
 
 def read_export_state(url: str) -> dict[str, Any]:
-    """state.json of a complete export (FileNotFoundError naming the fix if the export is incomplete)."""
-    from checkpoints.model_uri import resolve_model_url
+    """state.json of a complete export, type-checked (checkpoints/export_reader.py)."""
+    from checkpoints.export_reader import read_state
 
-    url = resolve_model_url(url)
-    fs, path = storage.resolve(url)
-    try:
-        return json.loads(fs.cat_file(storage.join(path, STATE_FILE)))
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{url} is not a complete b1k-train export (no {STATE_FILE}); re-run the export") from e
+    return read_state(url)
 
 
 def load_exported(url: str, *, device: str = "cpu"):
     """(PiBehavior with the exported weights and noise correlation, NormStats, FastTokenizer, config dict).
 
     `url`: a directory, s3:// prefix or registry URI (models:/NAME@alias). The config dict also carries the
-    export's "global_step".
+    export's "global_step". Every file is checked as untrusted input first (checkpoints/export_reader.py).
     """
-    from checkpoints.model_uri import resolve_model_url
-    from data_loaders.norm_stats import NormStats
-    from models.common.gemma import GemmaConfig
-    from models.common.siglip import SiglipConfig
-    from models.pi_behavior.config import PiBehaviorConfig
-    from models.pi_behavior.fast import FastTokenizer
-    from models.pi_behavior.model import PiBehavior
+    from checkpoints.export_reader import load_pi_behavior
 
-    url = resolve_model_url(url)
-    state = read_export_state(url)
-    fs, path = storage.resolve(url)
-    config = json.loads(fs.cat_file(storage.join(path, CONFIG_FILE)))
-    config["global_step"] = state.get("global_step")
-    m = dict(config["model"])
-    m["vision"], m["vlm"], m["expert"] = SiglipConfig(**m["vision"]), GemmaConfig(**m["vlm"]), \
-        GemmaConfig(**m["expert"])
-    m["task_num_stages"] = tuple(m["task_num_stages"])
-    model = PiBehavior(PiBehaviorConfig(**m))
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, MODEL_FILE)
-        fs.get(storage.join(path, MODEL_FILE), local)
-        missing, unexpected = model.load_state_dict(load_file(local), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{url}: weights do not match the config: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}")
-    norm = NormStats.load(storage.join(url, NORM_FILE))
-    model.set_action_correlation(torch.tensor(norm.action_correlation_cholesky))
-    fast = FastTokenizer.load(storage.join(url, FAST_DIR))
-    return model.to(device).eval(), norm, fast, config
+    return load_pi_behavior(url, device=device)

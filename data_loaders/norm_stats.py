@@ -202,7 +202,7 @@ class NormStats:
         """Parse and validate; every error is a ValueError that starts with `where` (the file name)."""
         try:
             doc = json.loads(text)
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8 at all
             raise ValueError(f"{where}: not valid JSON ({e}); re-run `b1k-train data stats`") from e
         meta = doc.get("meta", {}) if isinstance(doc, dict) else {}
         if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:

@@ -45,7 +45,8 @@ class Redactor:
     def add_from_environ(self, environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
         for name, value in env.items():
-            if SECRET_NAME.search(name):
+            # B1K_API_KEYS_FILE and the like hold a path to the secret, not the secret: messages must name it.
+            if SECRET_NAME.search(name) and not name.endswith("_FILE"):
                 # Comma-separated lists (B1K_API_KEYS) are several secrets.
                 self.add(value, *[v.strip() for v in value.split(",")] if "," in value else ())
 

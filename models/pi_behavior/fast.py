@@ -242,6 +242,7 @@ class FastTokenizer:
                 files[name] = storage.with_retries(lambda w=where: storage.read_bytes(fs, w), what=f"reading {where}")
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"no {name} in {url}; run `b1k-train data fast SHARDS`") from e
+        current = CONFIG_NAME  # the file the error is about
         try:
             raw = json.loads(files[CONFIG_NAME])
             if raw.get("format") != FORMAT_NAME or raw.get("version") != FORMAT_VERSION:
@@ -249,12 +250,15 @@ class FastTokenizer:
             config = FastConfig(**{f.name: raw[f.name] for f in dataclasses.fields(FastConfig)})
             if raw.get("max_token") != config.max_token or list(raw.get("kept_dims", [])) != list(KEPT_DIMS):
                 raise ValueError("symbol range or kept dims differ from this b1k-train's")
+            current = TOKENIZER_NAME
             if hashlib.sha256(files[TOKENIZER_NAME]).hexdigest() != config.tokenizer_sha256:
-                raise ValueError(f"{TOKENIZER_NAME} does not match the sha256 in {CONFIG_NAME} (mixed fits?)")
+                raise ValueError(f"does not match the sha256 in {CONFIG_NAME} (mixed fits?)")
             bpe = Tokenizer.from_str(files[TOKENIZER_NAME].decode())
             return cls(bpe, config)
         except Exception as e:  # bad JSON, missing keys, wrong types, or the bare Exception tokenizers raises
-            raise ValueError(f"{url}: bad FAST tokenizer ({e}); re-run `b1k-train data fast SHARDS`") from e
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{storage.join(url, current)}: bad FAST tokenizer file ({first}); re-run "
+                             f"`b1k-train data fast SHARDS`") from e
 
 
 def _texts(coefficients: np.ndarray, config: FastConfig) -> list[str]:
