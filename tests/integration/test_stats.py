@@ -16,6 +16,7 @@ from data_loaders.behavior_facts import (
     DELTA_ACTION_MASK,
     MODEL_DIM,
     episode_index,
+    stage_label,
 )
 from data_loaders.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, manifest_to_bytes, write_tar
 from data_loaders.norm_stats import CONSTANT_STD, NormStats
@@ -41,19 +42,23 @@ def _episodes(seed: int = 0) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _write_shards(url: str, episodes: dict, *, samples_per_shard: int = 40, shard_order: list[int] | None = None):
-    """Shards + manifest in the layout of manifest.py; `shard_order` permutes the manifest's shard list."""
+def _write_shards(url: str, episodes: dict, *, samples_per_shard: int = 40, shard_order: list[int] | None = None,
+                  with_stages: bool = False):
+    """Shards + manifest in the layout of manifest.py; `shard_order` permutes the manifest's shard list;
+    `with_stages` labels every sample with its time-based stage (as `data shard` does)."""
     rng = np.random.default_rng(1)
     samples, firsts = [], []
     for ep, (state, actions) in episodes.items():
         n = len(state)
         for t in range(n):
             idx = np.minimum(np.arange(t, t + ACTION_HORIZON), n - 1)  # past the end: repeat the last action
+            meta = {"episode": ep, "frame": t, "episode_length": n, "task": ep // 10000}
+            if with_stages:
+                meta["stage"] = stage_label(t, n, ep // 10000)
             files = encode_sample(
                 images={c: rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for c in CAMERAS}, state=state[t],
-                actions=actions[idx], action_mask=np.arange(t, t + ACTION_HORIZON) < n,
-                meta={"episode": ep, "frame": t, "episode_length": n, "task": ep // 10000}, image_format="png",
-                quality=90)
+                actions=actions[idx], action_mask=np.arange(t, t + ACTION_HORIZON) < n, meta=meta,
+                image_format="png", quality=90)
             samples.append((sample_key(ep, t), files))
             firsts.append((ep, t))
     shards = []
@@ -247,3 +252,60 @@ def test_cli_writes_loadable_stats(local_shards, tmp_path, full_stats):
     assert NormStats.load(out) == full_stats
     assert set(json.loads(open(out).read())["norm_stats"]["actions"]) >= {
         "per_timestamp_mean", "per_timestamp_std", "action_correlation_cholesky"}
+
+
+def _grasp_episodes(lengths: tuple[int, ...] = (100, 90, 110)) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Task 40 (5 time-based stages). Right gripper: open in stage 0; commanded closed from stage 1 on, where it
+    closes on an object (the state settles at -0.6 > -0.98); reopened in stage 3; in stage 4 it presses a button
+    fully closed (state -1: closed on nothing, as the demos do there). The left stays open throughout."""
+    rng = np.random.default_rng(5)
+    out = {}
+    for i, n in enumerate(lengths):
+        stage = stage_label(np.arange(n), n, 40)
+        action = rng.normal(0, 0.3, (n, ACTION_DIM))
+        action[:, 14] = 1.0
+        action[:, 22] = np.where((stage == 1) | (stage == 2) | (stage == 4), -1.0, 1.0)
+        state = action + rng.normal(0, 0.02, (n, ACTION_DIM))
+        state[:, 14] = 1.0 - rng.uniform(0, 0.01, n)
+        right, target = np.empty(n), np.where(stage == 4, -1.0, np.where(action[:, 22] < 0, -0.6, 1.0))
+        right[0] = 1.0
+        for t in range(1, n):  # the fingers lag the command and stop on the object
+            right[t] = right[t - 1] + 0.5 * (target[t] - right[t - 1])
+        state[:, 22] = right
+        out[episode_index(40, i)] = (state.astype(np.float32), action.astype(np.float32))
+    return out
+
+
+def test_gripper_table_counts_fully_closed_states_and_the_rule_opens_only_empty_grasps(tmp_path):
+    """The stats pass over shards -> norm_stats.json -> the serving rule: in the grasping stages the demos command
+    closing in most frames (the old commanded-action table called closing "expected" there, so the rule could not
+    fire) but the gripper is never fully closed, so an empty grasp there is opened; the demos' own frames,
+    holding objects or pressing fully closed in stage 4, never trigger it."""
+    from serving.control.gripper import GripperCorrection
+
+    episodes = _grasp_episodes()
+    url = str(tmp_path / "shards")
+    _write_shards(url, episodes, with_stages=True)
+    table = NormStats.load(compute_norm_stats(url)).gripper_closure
+    frames = table.frames[40, :5]
+    assert frames.sum() == sum(len(s) for s, _ in episodes.values()) and (frames > 0).all()
+    assert table.closed[40, :4, 1].tolist() == [0, 0, 0, 0] and table.closed[40, 4, 1] > 0.5 * frames[4]
+    assert table.closed[40, :, 0].sum() == 0 and table.frames[:40].sum() == 0
+
+    corr = GripperCorrection(table)
+    for ep, (state, action) in episodes.items():
+        stage = stage_label(np.arange(len(state)), len(state), 40)
+        assert (action[stage == 1, 22] < 0).all()  # stage 1 commands closing
+        for t in range(len(state)):
+            assert corr.sides_to_open(40, int(stage[t]), state[t]) == [], (ep, t)  # never on a demo frame
+    empty = episodes[episode_index(40, 0)][0][30].copy()  # a stage-1 frame...
+    empty[22] = -0.995  # ...whose grasp missed: fully closed
+    chunk = np.random.default_rng(0).normal(size=(30, ACTION_DIM)).astype(np.float32)
+    fixed, sides = corr.apply(40, 1, empty, chunk)
+    want = np.tile(empty, (30, 1))
+    want[:, 22] = 1.0
+    assert sides == ["right"]
+    np.testing.assert_array_equal(fixed, want)
+    assert corr.apply(40, 4, empty, chunk)[1] == []  # stage 4 presses fully closed: expected there
+    empty[14] = -1.0
+    assert corr.sides_to_open(40, 4, empty) == ["left"]  # the left is never fully closed in the demos
