@@ -49,12 +49,7 @@ PLUGINS = {
 
 # top-level module -> why it is imported without being a declared runtime dependency. Reported, not fixed here:
 # pyproject's dependency list belongs to the lead; these are gaps to close there.
-UNDECLARED = {
-    "transformers": "GAP: models/xvla imports it at run time (Florence-2, BART tokenizer); declared only in [dev]",
-    "yaml": "transitive (kubernetes, ray); trainer/k8s/manifests.py imports it directly",
-    "urllib3": "transitive (kubernetes); trainer/k8s/api.py catches its HTTPError",
-    "psutil": "transitive (ray[default]); storage_errors.py imports it optionally, with a fallback",
-}
+UNDECLARED: dict[str, str] = {}
 
 
 def _dist_name(requirement: str) -> str:
