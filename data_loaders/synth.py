@@ -83,8 +83,9 @@ def synthesize(out: str, *, tasks: list[int], episodes_per_task: int, frames: in
     local = storage.is_local(fs)
     if _exists_nonempty(fs, path, local):
         if not overwrite:
-            raise ValueError(f"output {out} already exists and is not empty; pass --overwrite (overwrite=True) to "
-                             "replace it, or choose another path")
+            what = "a file" if local and os.path.isfile(path) else "not empty"
+            raise ValueError(f"output {out} already exists and is {what}; pass --overwrite to replace it, or give "
+                             "another output directory")
         cwd, target = os.path.realpath(os.getcwd()), os.path.realpath(path)
         if local and (cwd == target or cwd.startswith(target.rstrip("/") + "/")):
             raise ValueError(f"refusing to overwrite {out}: it contains the current directory; pick a dataset "
@@ -149,10 +150,13 @@ def write_b1k_dataset(root: str, *, tasks: list[int], episodes_per_task: int, fr
         stats_rows.append(synth_meta.episodes_stats_row(content))
         indices.append(content.episode_index)
         total += content.length
-    info = synth_meta.info_json(num_episodes=len(indices), num_frames=total, num_tasks=len(tasks), sizes=sizes,
+    # As in the real 2025 dataset, tasks.jsonl lists all 50 tasks whichever have episodes, and total_tasks counts
+    # its lines (not the tasks synthesized).
+    task_rows = synth_meta.tasks_rows()
+    info = synth_meta.info_json(num_episodes=len(indices), num_frames=total, num_tasks=len(task_rows), sizes=sizes,
                                 rgb_codec=spec.encoder)
     storage.write_json_file(os.path.join(root, "meta", "info.json"), info)
-    storage.write_jsonl_file(os.path.join(root, "meta", "tasks.jsonl"), synth_meta.tasks_rows())
+    storage.write_jsonl_file(os.path.join(root, "meta", "tasks.jsonl"), task_rows)
     storage.write_jsonl_file(os.path.join(root, "meta", "episodes.jsonl"), episode_rows)
     storage.write_jsonl_file(os.path.join(root, "meta", "episodes_stats.jsonl"), stats_rows)
     return indices, total

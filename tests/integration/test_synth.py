@@ -60,6 +60,20 @@ def _ep_files(ep: int) -> set[str]:
     return out
 
 
+def assert_totals_match_meta(root: str) -> None:
+    """info.json's totals count what the other meta files list, as in the real 2025 dataset (whose tasks.jsonl
+    has all 50 tasks and whose info.json says total_tasks 50, whichever tasks a download holds)."""
+    info = _load(os.path.join(root, "meta/info.json"))
+    tasks = _jsonl(os.path.join(root, "meta/tasks.jsonl"))
+    episodes = _jsonl(os.path.join(root, "meta/episodes.jsonl"))
+    videos = [f for f in _files(root) if f.startswith("videos/") and f.endswith(".mp4")]
+    assert (info["total_tasks"], len(tasks)) == (bf.NUM_TASKS, bf.NUM_TASKS)
+    assert info["total_episodes"] == len(episodes) == len(_jsonl(os.path.join(root, "meta/episodes_stats.jsonl")))
+    assert info["total_frames"] == sum(e["length"] for e in episodes)
+    assert info["total_videos"] == len(videos)
+    assert info["splits"] == {"train": f"0:{len(episodes)}"}
+
+
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("synth") / "ds")
@@ -103,7 +117,8 @@ def test_info_json(ds):
                           "total_videos", "chunks_size", "fps", "splits", "data_path", "video_path",
                           "metainfo_path", "annotation_path", "features"]
     assert info["robot_type"] == "R1Pro" and info["total_episodes"] == 6 and info["total_frames"] == 6 * FRAMES
-    assert info["total_tasks"] == 3 and info["total_videos"] == 54 and info["chunks_size"] == 10000
+    assert info["total_videos"] == 54 and info["chunks_size"] == 10000
+    assert_totals_match_meta(root)
     assert info["fps"] == 30 and type(info["fps"]) is int and info["splits"] == {"train": "0:6"}
     assert info["data_path"] == "data/task-{episode_chunk:04d}/episode_{episode_index:08d}.parquet"
     assert info["video_path"] == "videos/task-{episode_chunk:04d}/{video_key}/episode_{episode_index:08d}.mp4"
@@ -362,8 +377,12 @@ def test_refuses_nonempty_output_unless_overwrite(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(ValueError, match="not empty.*--overwrite"):
+    with pytest.raises(ValueError, match="not empty; pass --overwrite to replace it") as e:
         synthesize(str(out), tasks=[40], episodes_per_task=1, frames=31, seed=0)
+    assert "overwrite=" not in str(e.value)  # the CLI's flag, never the Python argument
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="is a file; pass --overwrite"):
+        synthesize(str(tmp_path / "afile"), tasks=[40], episodes_per_task=1, frames=31, seed=0)
     assert (out / "keep.txt").exists()
     report = synthesize(f"file://{out}", tasks=[40], episodes_per_task=1, frames=31, seed=0, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "meta/info.json").exists() and report.num_frames == 31
