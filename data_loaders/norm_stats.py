@@ -11,10 +11,11 @@ written with full float64 precision, so a save/load round trip is exact):
                     "action_correlation_cholesky": [960][960]}},
      "meta": {"format": "b1k-train-norm-stats", "version": 1, "num_frames", "num_chunks", "num_full_chunks",
               "sample_fraction", "seed", "manifest_sha256", "correlation_jitter", "constant_std"},
-     "control": {"gripper_closure": {"frames": [50][15], "closed": [50][15][2], "close_action": 0.0}}}
+     "control": {"gripper_closure": {"frames": [50][15], "closed": [50][15][2], "statistic": "state_below",
+                                     "closed_state": -0.98}}}
 
-"control" is optional (data_loaders/gripper_stats.py): where the demonstrations close each gripper, per task and
-stage, for the policy server's gripper correction.
+"control" is optional (data_loaders/gripper_stats.py): per task and stage, how often each gripper's state is fully
+closed (below -0.98: closed on nothing) in the demonstrations, for the policy server's gripper rule.
 
 Conventions (pi_behavior §2.2-2.4):
 - "actions" are delta actions: a[t+k] - s[t] on DELTA_ACTION_MASK dims, absolute elsewhere.

@@ -70,8 +70,10 @@ class ServingPolicy:
         model, norm, _, config = load_pi_behavior(local, device=device)
         correction = None
         if norm.gripper_closure is None:
-            log.warning("%s: norm_stats.json has no gripper-closure table (stats computed before it existed); the "
-                        "gripper correction is off. Recompute with `b1k-train data stats` and re-export.", url)
+            if cfg.gripper_rule == "data":
+                log.warning("%s: norm_stats.json has no gripper-closure table (stats computed before it existed); "
+                            "the data-derived gripper rule is off. Recompute with `b1k-train data stats` and "
+                            "re-export, or serve with --set gripper_rule=seed.", url)
         else:
             correction = GripperCorrection(norm.gripper_closure, cfg.closed_threshold, cfg.min_close_fraction)
         return cls(model, Normalizer.from_norm_stats(norm), cfg, name=name or url, correction=correction,
