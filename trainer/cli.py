@@ -131,6 +131,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from trainer.eval_report import format_table, task_rows
     from trainer.evaluate import evaluate_export
 
+    _check_registry_uris([args.model])
     result = evaluate_export(args.model, args.data, tasks=args.tasks or None, batch_size=args.batch_size,
                              seed=args.seed, num_inference_steps=args.num_inference_steps)
     rows = task_rows({"model": result}, {int(t): "model" for t in result["tasks"]})
@@ -145,17 +146,41 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_registry_uris(urls: list[str]) -> None:
+    """models:/ URIs name a registered model and alias or version (else one line listing what exists)."""
+    from checkpoints.model_uri import is_model_uri
+    from trainer.registry import check_model_uri
+
+    for url in urls:
+        if is_model_uri(url):
+            check_model_uri(url)
+
+
+def _check_serve_sources(router) -> None:
+    """Before the port is bound (so a bad --model is one line, not a server that starts and stops): each route's
+    model exists. Loading it happens after binding, so /healthz answers while a large model loads."""
+    from trainer.user_paths import is_url
+
+    _check_registry_uris([r.url for r in router.routes])
+    for route in router.routes:
+        if not is_url(route.url) and not os.path.exists(os.path.expanduser(route.url)):
+            raise FileNotFoundError(f"--model {route.url} does not exist; pass an export directory "
+                                    f"(<storage>/<run>/export), s3://..., models:/NAME@ALIAS or a "
+                                    f"task_checkpoint_mapping.json")
+
+
 PROMOTE_REFUSED = 3  # exit status when the challenger does not beat the champion (scripts can tell it apart)
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate_export
     from trainer.pipeline_config import PromotionConfig
-    from trainer.registry import client, format_models, promote
+    from trainer.registry import client, format_models, promote, require_registered
 
     c = client(args.tracking_uri)
+    require_registered(c, args.model)  # an unknown name says so, listing the registered ones, and exits 2
     if args.list:
-        print(format_models(c, [args.model]))
+        print(format_models(c, [args.model]) or f"{args.model}: no versions registered yet")
         return 0
     rule = PromotionConfig(policy=args.policy, min_improvement=args.min_improvement,
                            max_task_regression=args.max_task_regression)
@@ -193,6 +218,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "--api-keys-file)", args.host, "B1K_API_KEYS")
     router = ModelRouter(args.model, memory_budget_bytes=int(args.memory_budget_gb * 2**30), device=args.device,
                          overrides=args.set or [])
+    _check_serve_sources(router)
     server = PolicyServer(router, host=args.host, port=args.port, batch_window_ms=args.batch_window_ms,
                           max_batch=1 if args.no_batching else args.max_batch, security=security)
     server.serve_forever()
@@ -224,9 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = dsub.add_parser("synth", help="write a small synthetic dataset in the BEHAVIOR-1K 2025 layout")
     s.add_argument("out", help="output directory (local path, file:// or s3://)")
     s.add_argument("--tasks", type=_int_list, default=[0, 1, 40], help="comma-separated task ids (0-49)")
-    s.add_argument("--episodes-per-task", type=int, default=2)
+    s.add_argument("--episodes-per-task", type=int, default=2, help="episodes written for each task")
     s.add_argument("--frames", type=int, default=120, help="frames per episode (30 fps)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="same seed, same dataset (episodes are generated from it)")
     s.add_argument("--resolution", choices=["low", "full"], default="low",
                    help="full = 720 head / 480 wrists as in the real data; low = 128/96 for fast tests")
     s.add_argument("--layout", choices=["b1k", "lerobot-v2.1", "lerobot-v3.0"], default="b1k",
@@ -240,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("src", help="dataset root (local path or s3://)")
     h.add_argument("out", help="shard output prefix (local path, file:// or s3://)")
     h.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="parallel processes")
-    h.add_argument("--samples-per-shard", type=int, default=512)
+    h.add_argument("--samples-per-shard", type=int, default=512, help="timesteps per webdataset .tar shard")
     h.add_argument("--image-format", choices=["webp", "jpeg", "png"], default="webp",
                    help="shard image encoding (webp chosen by measurement, see bench/README.md)")
     h.add_argument("--quality", type=int, default=90, help="WebP/JPEG quality")
@@ -253,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="where to write norm_stats.json (default: next to the manifest)")
     t.add_argument("--sample-fraction", type=float, default=1.0,
                    help="fraction of action chunks used (the 1st-place recipe used 0.1 on the full data)")
-    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--seed", type=int, default=42, help="seed of the --sample-fraction draw")
     t.add_argument("--workers", type=int, default=1, help="parallel processes (shards are split between them)")
     t.set_defaults(func=_cmd_stats)
 
@@ -262,11 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default=None, help="output directory (default: SHARDS/fast_tokenizer)")
     f.add_argument("--norm-stats", default=None, help="norm_stats.json URL (default: SHARDS/norm_stats.json)")
     f.add_argument("--max-chunks", type=int, default=20_000, help="action chunks used for BPE (memory ~85 KB each)")
-    f.add_argument("--seed", type=int, default=42)
+    f.add_argument("--seed", type=int, default=42, help="seed of the chunk sample the tokenizer is fitted on")
     f.set_defaults(func=_cmd_fast)
 
     fit = sub.add_parser("fit", help="train a recipe on Ray Train (resumes a run of the same name and storage)",
-                         epilog=_recipes_epilog())
+                         epilog=_recipes_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     fit.add_argument("recipe", help="recipe name (listed below)")
     fit.add_argument("--run-name", required=True, help="run name; re-running the same name resumes it")
     fit.add_argument("--storage", required=True, help="where runs live: local path, file:// or s3://bucket/prefix")
@@ -281,10 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.set_defaults(func=_cmd_fit)
 
     ex = sub.add_parser("export", help="write the serving artifact (EMA weights, config, norm stats, FAST "
-                        "tokenizer) of a run's checkpoint", epilog=_recipes_epilog())
+                        "tokenizer) of a run's checkpoint", epilog=_recipes_epilog(),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ex.add_argument("recipe", help="the recipe the run was trained with")
-    ex.add_argument("--run-name", required=True)
-    ex.add_argument("--storage", required=True)
+    ex.add_argument("--run-name", required=True, help="the run's name, as given to fit")
+    ex.add_argument("--storage", required=True, help="the run's storage, as given to fit")
     ex.add_argument("--checkpoint", default=None, help="checkpoint URL (default: the run's latest committed one)")
     ex.add_argument("--out", default=None, help="artifact URL (default: <run>/exports/step_<n>)")
     ex.add_argument("--set", action="append", metavar="KEY=VALUE", help="the overrides the run was trained with")
@@ -301,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("pipeline", help="pretrain on all tasks -> per-subset fine-tunes -> held-out eval -> export "
                         "-> MLflow registry (@challenger) -> task_checkpoint_mapping.json; re-running resumes",
-                        epilog=_pipelines_epilog())
+                        epilog=_pipelines_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     pl.add_argument("recipe", help="pipeline recipe (listed below)")
     pl.add_argument("--run-name", required=True, help="pipeline name; re-running the same name resumes it")
     pl.add_argument("--storage", required=True, help="local path, file:// or s3://bucket/prefix")
@@ -341,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="mean_mse: lower mean held-out action MSE over the challenger's tasks; per_task: that, and "
                          "no task worse by more than --max-task-regression")
     pr.add_argument("--min-improvement", type=float, default=0.0, help="relative MSE drop required (0.02 = 2%%)")
-    pr.add_argument("--max-task-regression", type=float, default=0.05)
+    pr.add_argument("--max-task-regression", type=float, default=0.05,
+                    help="per_task: largest relative MSE rise allowed on any task (0.05 = 5%%)")
     pr.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
     pr.add_argument("--list", action="store_true", help="list the versions and aliases instead")
     pr.set_defaults(func=_cmd_promote)
@@ -351,11 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", required=True, help="export directory, s3:// URL, models:/NAME@ALIAS, or a "
                     "task_checkpoint_mapping.json routing each task to its checkpoint")
     sv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept evaluators from other machines")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=int, default=8000, help="TCP port to listen on (0 = any free one)")
     sv.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
     sv.add_argument("--batch-window-ms", type=float, default=2.0,
                     help="how long a request waits for other connections' requests to batch with")
-    sv.add_argument("--max-batch", type=int, default=16)
+    sv.add_argument("--max-batch", type=int, default=16, help="most requests answered by one inference")
     sv.add_argument("--no-batching", action="store_true", help="one request per inference")
     sv.add_argument("--memory-budget-gb", type=float, default=8.0,
                     help="resident models beyond this are unloaded, least recently used first")
@@ -379,19 +407,36 @@ def build_parser() -> argparse.ArgumentParser:
                      help="close a connection that sent nothing for this long (1001)")
     sv.set_defaults(func=_cmd_serve)
 
-    add_k8s_parser(sub, _recipes_epilog() + " pipelines: " + _pipelines_epilog())
+    add_k8s_parser(sub, _recipes_epilog() + "\n\n" + _pipelines_epilog())
 
     d = sub.add_parser("demo", help="the main job on the embedded default: the tiny two-stage pipeline on synthetic "
                        "data (local Ray, local MLflow), then promotion; prints models, aliases, eval table, mapping")
-    d.add_argument("--workdir", default="outputs/demo")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--workdir", default="outputs/demo", help="where the dataset, runs and registry go")
+    d.add_argument("--seed", type=int, default=0, help="training seed of the pipeline (train.seed)")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a pipeline field (see pipeline)")
     d.set_defaults(func=_cmd_demo)
     return p
 
 
+# The arguments of each command that are paths or URLs (not `promote MODEL`, a registered name): resolved
+# against the current directory before anything runs, because Ray workers have a working directory of their own.
+_PATH_ARGS: dict[Callable[[argparse.Namespace], int], tuple[str, ...]] = {
+    _cmd_synth: ("out",), _cmd_shard: ("src", "out"), _cmd_stats: ("shards", "out"),
+    _cmd_fast: ("shards", "out", "norm_stats"), _cmd_fit: ("storage",), _cmd_export: ("storage", "checkpoint", "out"),
+    _cmd_pipeline: ("storage",), _cmd_eval: ("model", "data", "out"), _cmd_serve: ("model",), _cmd_demo: ("workdir",),
+}
+
+
+def _absolute_paths(args: argparse.Namespace) -> None:
+    from trainer.user_paths import absolute_url
+
+    for name in _PATH_ARGS.get(args.func, ()):
+        setattr(args, name, absolute_url(getattr(args, name)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _absolute_paths(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from trainer import redact

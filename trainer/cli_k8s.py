@@ -102,10 +102,11 @@ def add_k8s_parser(sub, recipes_epilog: str) -> None:
     ks = k.add_subparsers(dest="k8s_command", metavar="ACTION", required=True)
 
     s = ks.add_parser("submit", help="create a RayJob from the Helm chart's templates and your values",
-                      epilog=recipes_epilog)
+                      epilog=recipes_epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("recipe", help="training recipe (fit) or pipeline recipe (--command pipeline)")
     s.add_argument("--run-name", required=True, help="RayJob and run name; re-submitting it resumes the run")
-    s.add_argument("--command", choices=["fit", "pipeline"], default="fit")
+    s.add_argument("--command", choices=["fit", "pipeline"], default="fit",
+                   help="what the RayJob runs: `b1k-train fit RECIPE` or `b1k-train pipeline RECIPE`")
     s.add_argument("--values", action="append", metavar="FILE", help="chart values (as for helm install -f); "
                    "repeatable, later files win")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override passed to the command")
@@ -129,7 +130,7 @@ def add_k8s_parser(sub, recipes_epilog: str) -> None:
         p = ks.add_parser(name, help=text)
         p.add_argument("name", help="RayJob name (the run name it was submitted with)")
         if name == "follow":
-            p.add_argument("--poll", type=float, default=5.0)
+            p.add_argument("--poll", type=float, default=5.0, help="seconds between progress reads")
             p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
         _cluster_options(p)
         p.set_defaults(func=func)
@@ -141,11 +142,12 @@ def add_k8s_parser(sub, recipes_epilog: str) -> None:
     r = ks.add_parser("rollout", help="after `b1k-train promote`, roll the policy-server Deployment to the version "
                       "the alias now names, and wait until it is ready")
     r.add_argument("model", help="registered model name, e.g. pi-behavior-ckpt1")
-    r.add_argument("--alias", default="champion")
+    r.add_argument("--alias", default="champion", help="the registry alias whose version to serve")
     r.add_argument("--deployment", default="b1k-train-policy", help="the policy server's Deployment")
     r.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
-    r.add_argument("--timeout", type=float, default=600.0)
-    r.add_argument("--poll", type=float, default=2.0)
+    r.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds to wait for the rolled Deployment to be ready before failing")
+    r.add_argument("--poll", type=float, default=2.0, help="seconds between readiness checks")
     _cluster_options(r)
     r.set_defaults(func=_cmd_rollout)
 
@@ -157,8 +159,9 @@ def add_pipeline_k8s_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--values", action="append", metavar="FILE", help="chart values of the stage RayJobs")
     g.add_argument("--finetune-values", action="append", metavar="FILE", help="merged over --values for the "
                    "fine-tunes (e.g. a smaller GPU pool)")
-    g.add_argument("--release", default="b1k-train")
-    g.add_argument("--poll", type=float, default=5.0)
+    g.add_argument("--release", default="b1k-train", help="release name of the installed chart (its MLflow "
+                   "Service name derives from it)")
+    g.add_argument("--poll", type=float, default=5.0, help="seconds between progress reads of the stage RayJobs")
     _cluster_options(g)
 
 

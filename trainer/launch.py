@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import tempfile
 import uuid
 from typing import Any
@@ -20,6 +21,7 @@ from data_loaders import storage
 from trainer.config import TrainConfig
 from trainer.data_prep import prepare_data
 from trainer.supervisor import check_worker_range, parse_workers, supervise
+from trainer.user_paths import absolute_config_paths, absolute_url, check_local_storage
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ def ray_storage(url: str) -> tuple[str, Any]:
 
 def check_storage_writable(url: str) -> None:
     """Fail early, with the fix, when the run's storage cannot be written."""
+    check_local_storage(url)
+    local = storage.is_local(storage.resolve(url)[0])
     # A name of its own per check: concurrent fits under one storage root (the pipeline's fine-tunes) would
     # otherwise delete each other's probe and report a writable store as unwritable.
     fs, path = storage.resolve(storage.join(url, f".b1k-write-check-{os.getpid()}-{uuid.uuid4().hex[:12]}"))
@@ -45,8 +49,9 @@ def check_storage_writable(url: str) -> None:
         storage.write_bytes_atomic(fs, path, b"ok")
         fs.rm(path)
     except Exception as e:  # noqa: BLE001 - any backend error means the same thing to the user
-        raise PermissionError(f"cannot write to --storage {url} ({type(e).__name__}: {e}); check the URL, the "
-                              f"bucket's existence and your credentials (AWS_* variables, AWS_ENDPOINT_URL)") from e
+        fix = ("pass a directory you can write to" if local else
+               "check the URL, the bucket's existence and your credentials (AWS_* variables, AWS_ENDPOINT_URL)")
+        raise PermissionError(f"cannot write to --storage {url} ({type(e).__name__}: {e}); {fix}") from e
 
 
 # Worker environment of the one-machine clusters we start (the driver's own values win):
@@ -69,6 +74,28 @@ def _loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def _session_auth_token() -> None:
+    """Token auth for the local cluster without writing ~/.ray/auth_token.
+
+    A new local `ray.init()` in Ray 2.60 turns token auth on and, lacking a token, saves one to ~/.ray/auth_token;
+    from then on every later `ray start`/`ray job submit` of the user's switches token auth on too. A token in
+    RAY_AUTH_TOKEN instead lives only in this process and the cluster processes it starts. A user's own choice
+    (RAY_AUTH_MODE, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH) is left as it is."""
+    if any(os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        return
+    from trainer.redact import REDACTOR
+
+    token = secrets.token_hex(32)
+    REDACTOR.add(token)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = token
+    # ray caches its config and token at import: refresh both, as Ray's own _enable_token_auth does.
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def init_ray(num_workers: int) -> None:
     """Connect to RAY_ADDRESS, or start a one-machine cluster with room for `num_workers` training workers."""
     import ray
@@ -84,6 +111,7 @@ def init_ray(num_workers: int) -> None:
         passthrough = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MLFLOW_"))}
         passthrough.update(LOCAL_CLUSTER_ENV)
         _loopback_only()
+        _session_auth_token()
         # Everything binds to loopback: a one-machine cluster has no reason to listen on other interfaces.
         ray.init(address="local", num_cpus=max(num_workers + 1, os.cpu_count() or 2), dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", log_to_driver=True, runtime_env={"env_vars": passthrough})
@@ -93,6 +121,10 @@ def fit(cfg: TrainConfig, *, run_name: str, storage_url: str, num_workers: int |
         loop_extra: dict[str, Any] | None = None, data_run_dir: str | None = None) -> dict[str, Any]:
     """Train (or resume) run `run_name` under `storage_url` on `num_workers` Ray workers (N, "MIN:MAX" or
     (MIN, MAX) for elastic) through failures (trainer/supervisor.py); returns a summary."""
+    # Workers run in a Ray session directory: every path must be absolute before it reaches them.
+    storage_url = absolute_url(storage_url)
+    data_run_dir = absolute_url(data_run_dir)
+    cfg = absolute_config_paths(cfg)
     lo, hi = num_workers if isinstance(num_workers, tuple) else parse_workers(num_workers)
     check_worker_range(cfg, lo, hi)  # raises if the global batch cannot be split over some worker count
     cfg.fault.check()
@@ -172,6 +204,7 @@ def export(cfg: TrainConfig, *, run_name: str, storage_url: str, checkpoint: str
     that trained it, restoring through the same engine code as training; returns the artifact URL."""
     from checkpoints.manager import read_train_state
 
+    storage_url, checkpoint, out = absolute_url(storage_url), absolute_url(checkpoint), absolute_url(out)
     run_dir = storage.join(storage_url, run_name)
     ckpt = checkpoint or latest_committed_checkpoint(run_dir)
     state = read_train_state(ckpt)

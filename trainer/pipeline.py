@@ -29,6 +29,7 @@ from trainer.overrides import flatten
 from trainer.pipeline_config import PipelineConfig
 from trainer.pipeline_data import PipelineData, prepare_pipeline_data, read_json, write_json
 from trainer.supervisor import RunFailedError, parse_workers
+from trainer.user_paths import absolute_config_paths, absolute_url, check_local_storage
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ class Pipeline:
                  tracking_uri: str | None = None, out: Callable[[str], None] = print, runner: Any = None):
         """`runner`: where training stages run; None trains on the Ray cluster of this process (local or
         RAY_ADDRESS), a trainer.k8s.stages.K8sStageRunner submits each stage as its own RayJob."""
+        # Stages run on Ray workers, in Ray's session directory: the user's relative paths are resolved here.
+        cfg, storage_url = absolute_config_paths(cfg), absolute_url(storage_url)
+        check_local_storage(storage_url)
         self.cfg, self.name, self.out, self.runner = cfg, run_name, out, runner
         self.root = storage.join(storage_url, run_name)
         self.workers = parse_workers(workers)

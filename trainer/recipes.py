@@ -16,7 +16,7 @@ from trainer.recipes_xvla import XVLA_RECIPES
 
 
 def pi_behavior_b1k() -> TrainConfig:
-    """The 1st-place BEHAVIOR 2025 run (pi_behavior.md §3): 50 tasks, 200k steps, batch 2048 on 8 GPUs.
+    """The 1st-place BEHAVIOR 2025 run: 50 tasks, 200k steps, batch 2048 on 8 GPUs.
 
     Needs real shards: --set data.shards=s3://bucket/b1k/shards (norm stats and FAST tokenizer next to them).
     """
@@ -124,9 +124,16 @@ def get_pipeline(name: str) -> PipelineConfig:
     return PIPELINES[name]()
 
 
+def _listing(title: str, registry: dict[str, Callable[[], object]]) -> str:
+    """`title:` then one line per entry: its name and the first line of its docstring (for --help epilogs, which
+    are printed as they are)."""
+    width = max(len(n) for n in registry)
+    return "\n".join([f"{title}:"] + [f"  {n:{width}s}  {(registry[n].__doc__ or '').strip().splitlines()[0]}"
+                                      for n in sorted(registry)])
+
+
 def pipelines_help() -> str:
-    return "pipelines: " + "; ".join(f"{n} - {(PIPELINES[n].__doc__ or '').splitlines()[0]}"
-                                     for n in sorted(PIPELINES))
+    return _listing("pipelines", PIPELINES)
 
 
 def get_recipe(name: str) -> TrainConfig:
@@ -141,4 +148,4 @@ def get_recipe(name: str) -> TrainConfig:
 
 
 def recipes_help() -> str:
-    return "recipes: " + "; ".join(f"{n} - {(RECIPES[n].__doc__ or '').splitlines()[0]}" for n in recipe_names())
+    return _listing("recipes", RECIPES)

@@ -223,3 +223,39 @@ def format_models(mlflow_client, names: list[str]) -> str:
             lines.append(f"  {m['name']:28s} v{v['version']:<3s} aliases={','.join(v['aliases']) or '-':20s} "
                          f"tasks={v['tasks']} held-out mse={v['eval_mse']}")
     return "\n".join(lines)
+
+
+def registered_names(mlflow_client) -> list[str]:
+    return sorted(m.name for m in mlflow_client.search_registered_models())
+
+
+def require_registered(mlflow_client, name: str, *, what: str | None = None) -> None:
+    """Raise FileNotFoundError, listing the registered models, when `name` is not one of them."""
+    names = registered_names(mlflow_client)
+    if name in names:
+        return
+    shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+    raise FileNotFoundError(
+        f"{what or name}: no registered model {name!r} in {REDACTOR(mlflow_client.tracking_uri)}; "
+        + (f"registered: {shown}" if names else "it has none yet (`b1k-train pipeline` or `b1k-train demo` "
+                                                "registers them)"))
+
+
+def check_model_uri(uri: str, tracking_uri: str | None = None) -> None:
+    """Before loading models:/NAME@ALIAS or models:/NAME/VERSION: the model, alias or version exists, else one
+    FileNotFoundError naming what does exist."""
+    rest = uri.removeprefix("models:/")
+    name, at, alias = rest.partition("@")
+    version = "" if at else rest.partition("/")[2]
+    name = name if at else rest.partition("/")[0]
+    c = client(tracking_uri)
+    require_registered(c, name, what=uri)
+    versions = describe(c, [name])[0]["versions"]
+    if at and _alias_version(c, name, alias) is None:
+        aliases = ", ".join(f"@{a} -> v{v['version']}" for v in versions for a in v["aliases"])
+        raise FileNotFoundError(f"{uri}: {name} has no alias @{alias} (" + (
+            f"its aliases: {aliases}); use one of them or models:/{name}/VERSION" if aliases else
+            f"it has no aliases; `b1k-train pipeline` sets @{CHALLENGER}, `b1k-train promote {name}` @{CHAMPION})"))
+    if version and version not in {v["version"] for v in versions}:
+        raise FileNotFoundError(f"{uri}: {name} has no version {version} (its versions: "
+                                f"{', '.join(v['version'] for v in versions) or 'none'})")
