@@ -167,8 +167,13 @@ def test_pipeline_killed_resumed_rerun_registered_and_promoted(s3_bucket, s3fs_c
     model, _, _, config = load_exported(f"models:/{PREFIX}-ckpt1@champion")
     assert config["global_step"] == 12
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    # At the CLI's default batch size (32; the pipeline evaluated at 8): the numbers are its registry tags.
     cli_eval = _run([sys.executable, "-m", "trainer", "eval", f"models:/{PREFIX}-ckpt1@champion", "--data", view,
-                     "--batch-size", "8", "--out", str(tmp_path / "eval.json")], env)
+                     "--out", str(tmp_path / "eval.json")], env)
     assert cli_eval.returncode == 0, cli_eval.stderr[-3000:]
     again = json.loads((tmp_path / "eval.json").read_text())
-    assert again["overall"]["action_mse"] == pytest.approx(ev["overall"]["action_mse"], rel=1e-4)
+    assert again["overall"]["action_mse"] == pytest.approx(ev["overall"]["action_mse"], rel=1e-6)
+    tags = client.get_model_version_by_alias(f"{PREFIX}-ckpt1", "champion").tags
+    assert again["overall"]["action_mse"] == pytest.approx(float(tags["b1k.eval.action_mse"]), rel=1e-5)
+    assert {t: r["action_mse"] for t, r in again["tasks"].items()} == pytest.approx(
+        json.loads(tags["b1k.eval.per_task_mse"]), rel=1e-5)
