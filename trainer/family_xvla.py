@@ -1,5 +1,5 @@
 """What the training loop does differently for the X-VLA family: model, initialisation, data transform, FLOPs
-estimate and the export (the seed's checkpoint layout plus what the policy server needs)."""
+estimate and the export (the published X-VLA BEHAVIOR layout plus what the policy server needs)."""
 
 from __future__ import annotations
 
@@ -80,6 +80,14 @@ def make_init_fn(cfg: TrainConfig, norm: NormStats, device: torch.device):
 
             path = resolve_model_url(path)
             tensors = read_safetensors(storage.join(path, "model.safetensors"))
+            if "vlm.image_projection" in tensors:  # the published layout (exports since issue 20)
+                from models.xvla.checkpoint import B1K_FILE, b1k_from_json
+                from models.xvla.weights import from_published_tensors
+
+                fs, p = storage.resolve(storage.join(path, B1K_FILE))
+                _, extras = b1k_from_json(json.loads(fs.cat_file(p)), where=f"{path}/{B1K_FILE}")
+                own = {k: v for k, v in model.state_dict().items()}
+                tensors = {**from_published_tensors(tensors, own, where=f"{path}/model.safetensors"), **extras}
             tensors.setdefault("skill_row_mask", torch.ones(model.cfg.num_skills))  # exports from before it
             load_full_state_dict(model, tensors)
             log.info("initialised from the export %s", path)
@@ -136,25 +144,32 @@ def flops_per_sample(model_cfg: XVLAConfig) -> float:
 
 
 def export(state: dict[str, torch.Tensor], cfg: TrainConfig, data, out_url: str, *, step: int,
-           extra_state: dict[str, Any] | None, keep_copy_in: str | None = None) -> str:
-    """The seed's layout (model.safetensors, config.json, tokenizer files, state.json last) plus the policy
-    server's norm_stats.json and serving.json (XVLA_SETTINGS: no stage head, no inpainting, none of pi-behavior's
-    speed-up or correction rules)."""
-    from safetensors.torch import save_file
+           extra_state: dict[str, Any] | None, keep_copy_in: str | None = None,
+           optimizer_state: dict[str, Any] | None = None) -> str:
+    """The published X-VLA BEHAVIOR layout (models/xvla/checkpoint.py: model.safetensors under the published
+    names, config.json with the published fields only, b1k.json with ours, optimizer.pt, tokenizer files,
+    state.json last) plus the policy server's norm_stats.json, instructions.json and serving.json (XVLA_SETTINGS:
+    no stage head, no inpainting, none of pi-behavior's speed-up or correction rules).
 
+    `optimizer_state`: the full optimizer state (torch's state_dict() layout, groups with our "param_names");
+    written as optimizer.pt in published form. Without it there is no optimizer.pt."""
     from checkpoints.export import NORM_FILE, publish_staged
     from data_loaders.manifest import load_manifest
-    from models.xvla.checkpoint import CONFIG_FILE, MODEL_FILE, config_to_json
+    from models.xvla.checkpoint import OPTIMIZER_FILE, published_optimizer_state, write_published_files
+    from models.xvla.model import XVLA
     from serving.config import SERVING_FILE, XVLA_SETTINGS, ServingConfig
     from serving.policy_xvla import INSTRUCTIONS_FILE
 
+    model_cfg = model_config(cfg)
     staging = keep_copy_in or tempfile.mkdtemp(prefix="b1k-xvla-export-")
     try:
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()},
-                  os.path.join(staging, MODEL_FILE))
-        doc = {**config_to_json(model_config(cfg)), "train": {"recipe": cfg.recipe, "model": cfg.model}}
-        with open(os.path.join(staging, CONFIG_FILE), "w") as f:
-            json.dump(doc, f, indent=2, sort_keys=True)
+        write_published_files(staging, {k: v.detach().float() for k, v in state.items()}, model_cfg,
+                              config_extra={"train": {"recipe": cfg.recipe, "model": cfg.model}})
+        if optimizer_state is not None:
+            with torch.device("meta"):
+                names = XVLA(model_cfg)  # parameter names only
+            torch.save(published_optimizer_state(names, state=optimizer_state),
+                       os.path.join(staging, OPTIMIZER_FILE))
         load_tokenizer(cfg).save_pretrained(staging)
         fs_n, p_n = storage.resolve(data.norm_stats)
         fs_n.get(p_n, os.path.join(staging, NORM_FILE))

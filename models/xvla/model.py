@@ -184,7 +184,7 @@ class XVLA(nn.Module):
         actions = a_hat[..., : cfg.real_action_dim]
         return (actions, skill) if return_skill else actions
 
-    # --- checkpoints (the seed's layout, models/xvla/checkpoint.py) --------------------------------------------
+    # --- checkpoints (the published layout, models/xvla/checkpoint.py) --------------------------------------------
 
     @classmethod
     def from_pretrained(cls, path: str, *, device: str = "cpu", allow_reinit: tuple[str, ...] = (),
@@ -198,8 +198,10 @@ class XVLA(nn.Module):
         return load_checkpoint(path, device=device, allow_reinit=allow_reinit,
                                reinit_whole_layers=reinit_whole_layers, **overrides)[0]
 
-    def save_pretrained(self, path: str, *, tokenizer=None, optimizer_state=None, global_step: int = 0) -> str:
+    def save_pretrained(self, path: str, *, tokenizer=None, optimizer=None, optimizer_state=None,
+                        global_step: int = 0) -> str:
+        """The published X-VLA BEHAVIOR layout (models/xvla/checkpoint.py), optimizer.pt from `optimizer`."""
         from models.xvla.checkpoint import save_checkpoint
 
-        return save_checkpoint(self, path, tokenizer=tokenizer, optimizer_state=optimizer_state,
+        return save_checkpoint(self, path, tokenizer=tokenizer, optimizer=optimizer, optimizer_state=optimizer_state,
                                global_step=global_step)

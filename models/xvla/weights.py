@@ -2,8 +2,9 @@
 
 Three directory layouts are recognised (`detect_layout`), each by its config.json:
 
-    b1k-train   model_type "xvla" + a "b1k" block (our full XVLAConfig), model.safetensors, state.json
-    published   model_type "xvla" without "b1k" (2toINF/X-VLA-*), model.safetensors[.index.json]
+    b1k-train   the published layout below plus b1k.json (our full XVLAConfig and the project-only tensors),
+                state.json; older b1k-train directories: config.json with a "b1k" block and native names
+    published   model_type "xvla" (2toINF/X-VLA-*, the BEHAVIOR variant), model.safetensors[.index.json]
     LeRobot     "type": "xvla" (XVLAPolicy.save_pretrained), model.safetensors with a `model.` prefix
 
 The published and LeRobot files vendor Florence-2 (`vlm.vision_tower.convs.N.proj`, `...conv1.fn.dw`,
@@ -59,7 +60,7 @@ _VARIANT = ("transformer.task_prompt_hub.", "transformer.skill_prompt_hub.", "sk
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 LAYOUT_OURS, LAYOUT_PUBLISHED, LAYOUT_LEROBOT = "b1k-train", "published", "lerobot"
-EXPECTED_LAYOUTS = ("config.json with model_type 'xvla' and a 'b1k' block + model.safetensors + state.json "
+EXPECTED_LAYOUTS = ("config.json with model_type 'xvla' + b1k.json + model.safetensors + state.json "
                     "(b1k-train), config.json with model_type 'xvla' + model.safetensors[.index.json] (X-VLA "
                     "published), or config.json with type 'xvla' + model.safetensors (LeRobot)")
 
@@ -93,6 +94,84 @@ class LoadReport:
         lines += [f"new      {n}" for n in self.new]
         lines += [f"dropped  {n}" for n in self.dropped]
         return "\n".join(lines)
+
+
+_B_NATIVE = r"^vlm\.vision_tower\.blocks\.(\d+)\.(\d+)\.(spatial_block|channel_block)\."
+_NATIVE_RULES: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), r) for p, r in (
+    (r"^vlm\.vision_tower\.convs\.(\d+)\.conv\.", r"vlm.vision_tower.convs.\1.proj."),
+    (_B_NATIVE + r"conv([12])\.", r"vlm.vision_tower.blocks.\1.\2.\3.conv\4.fn.dw."),
+    (r"^vlm\.vision_tower\.blocks\.(\d+)\.(\d+)\.spatial_block\.norm1\.",
+     r"vlm.vision_tower.blocks.\1.\2.spatial_block.window_attn.norm."),
+    (r"^vlm\.vision_tower\.blocks\.(\d+)\.(\d+)\.channel_block\.norm1\.",
+     r"vlm.vision_tower.blocks.\1.\2.channel_block.channel_attn.norm."),
+    (_B_NATIVE + r"(window_attn|channel_attn)\.", r"vlm.vision_tower.blocks.\1.\2.\3.\4.fn."),
+    (_B_NATIVE + r"norm2\.", r"vlm.vision_tower.blocks.\1.\2.\3.ffn.norm."),
+    (_B_NATIVE + r"ffn\.", r"vlm.vision_tower.blocks.\1.\2.\3.ffn.fn.net."),
+    (r"^vlm\.multi_modal_projector\.image_position_embed\.", "vlm.image_pos_embed."),
+    (r"^vlm\.multi_modal_projector\.(image_proj_norm|visual_temporal_embed)\.", r"vlm.\1."),
+    (r"^vlm\.language_model\.", "vlm.language_model.model."),
+))
+# The published file stores BART's tied token table once, as `shared` (HF drops encoder.embed_tokens on save).
+_SHARED = "vlm.language_model.model.shared.weight"
+_FINAL_LOGITS_BIAS = "vlm.language_model.final_logits_bias"  # a generation buffer of the upstream model: zeros
+# Ours only; the published naming has no place for it (b1k.json holds it).
+PROJECT_ONLY_TENSORS = ("skill_row_mask",)
+
+
+def native_to_vendored(name: str) -> str:
+    """The published (vendored Florence-2) key of one of our state-dict names; the inverse of
+    `vendored_to_native` (image_projection is also transposed: see `to_published_tensors`)."""
+    if name == _EMBED:
+        return _SHARED
+    if name == _PROJECTION:
+        return "vlm.image_projection"
+    for pattern, repl in _NATIVE_RULES:
+        if pattern.match(name):
+            return pattern.sub(repl, name, count=1)
+    return name
+
+
+def _vendored_tensor(name: str, t: torch.Tensor) -> torch.Tensor:
+    return t.T.contiguous() if name == _PROJECTION else t.contiguous()
+
+
+def to_published_tensors(state: dict[str, torch.Tensor], text_vocab_size: int) -> dict[str, torch.Tensor]:
+    """Our state dict as the published model.safetensors holds it: vendored names, image_projection as the raw
+    [in, out] matrix, the zero final_logits_bias of the upstream model; the project-only tensors left out."""
+    out = {native_to_vendored(k): _vendored_tensor(k, v.detach().cpu())
+           for k, v in state.items() if k not in PROJECT_ONLY_TENSORS}
+    if len(out) != len([k for k in state if k not in PROJECT_ONLY_TENSORS]):
+        raise XVLAWeightError("two state-dict names map to one published key")  # a broken renaming rule
+    out[_FINAL_LOGITS_BIAS] = torch.zeros(1, text_vocab_size)
+    return out
+
+
+def from_published_tensors(tensors: dict[str, torch.Tensor], own: dict[str, torch.Tensor], *,
+                           where: str) -> dict[str, torch.Tensor]:
+    """Strict inverse of `to_published_tensors` for a model whose state dict is `own`: every published key of
+    the model present with its exact shape and dtype, nothing else in the file (XVLAWeightError naming them)."""
+    want = {native_to_vendored(k): k for k in own if k not in PROJECT_ONLY_TENSORS}
+    missing = sorted(set(want) - set(tensors))
+    unexpected = sorted(set(tensors) - set(want) - {_FINAL_LOGITS_BIAS})
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing[:8]}" + (f" (+{len(missing) - 8})" if len(missing) > 8 else ""))
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected[:8]}"
+                        + (f" (+{len(unexpected) - 8})" if len(unexpected) > 8 else ""))
+    out = {}
+    for key, name in sorted(want.items()):
+        if key not in tensors:
+            continue
+        t = tensors[key]
+        t = t.T.contiguous() if name == _PROJECTION else t
+        if tuple(t.shape) != tuple(own[name].shape) or t.dtype != own[name].dtype:
+            problems.append(f"{key}: {t.dtype} {tuple(t.shape)} in the file, {own[name].dtype} "
+                            f"{tuple(own[name].shape)} in the model")
+        out[name] = t
+    if problems:
+        raise XVLAWeightError(f"{where}: does not match its b1k.json: " + "; ".join(problems[:10]))
+    return out
 
 
 def vendored_to_native(key: str) -> str | None:
@@ -129,7 +208,7 @@ def detect_layout(path: str) -> tuple[str, dict[str, Any]]:
     has_weights = any(os.path.isfile(os.path.join(path, f))
                       for f in ("model.safetensors", "model.safetensors.index.json"))
     if isinstance(doc, dict) and has_weights:
-        if doc.get("model_type") == "xvla" and "b1k" in doc:
+        if doc.get("model_type") == "xvla" and ("b1k" in doc or os.path.isfile(os.path.join(path, "b1k.json"))):
             if not os.path.isfile(os.path.join(path, "state.json")):
                 raise XVLAWeightError(f"{path}: an incomplete b1k-train X-VLA checkpoint (no state.json, which is "
                                       f"written last)")
