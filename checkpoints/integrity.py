@@ -22,7 +22,7 @@ import json
 import os
 from typing import Any
 
-from checkpoints.safe_load import UnsafeCheckpointError, load_torch_state
+from checkpoints.safe_load import UnsafeCheckpointError, deepspeed_classes_allowed, load_torch_state
 
 RECORD_DIR = "integrity"
 
@@ -78,9 +78,11 @@ def read_records(local_dir: str, saved_world_size: int) -> dict[str, dict[str, A
     return merged
 
 
-def parse_safely(path: str) -> None:
-    """Read `path` with the pickle-free reader its kind has; raise ValueError if it does not parse."""
+def parse_safely(path: str, rel: str | None = None) -> None:
+    """Read `path` (`rel` inside its checkpoint) with the pickle-free reader its kind has; raise ValueError if it
+    does not parse."""
     name = os.path.basename(path)
+    rel = rel if rel is not None else name
     try:
         if name.endswith(".safetensors"):
             from safetensors import safe_open
@@ -91,7 +93,11 @@ def parse_safely(path: str) -> None:
             with open(path) as f:
                 json.load(f)
         elif name.endswith(".pt"):
-            load_torch_state(path, mmap=True)
+            if any(part.startswith("zero") for part in rel.split("/")[:-1]):  # DeepSpeed's files (zero/, ...):
+                with deepspeed_classes_allowed():  # its few classes are allowed too
+                    load_torch_state(path, mmap=True)
+            else:
+                load_torch_state(path, mmap=True)
         # Anything else (DeepSpeed's `latest` tag file, its zero_to_fp32.py helper) is never loaded by us.
     except UnsafeCheckpointError:
         raise
@@ -114,7 +120,7 @@ def check_files(local_dir: str, records: dict[str, dict[str, Any]], *, rank: int
         if sha256_of(path) != want["sha256"]:
             return f"{rel}: checksum differs from the record (corrupted or overwritten)"
         try:
-            parse_safely(path)
+            parse_safely(path, rel)
         except ValueError as e:
             return f"{rel}: {e}"
     return None

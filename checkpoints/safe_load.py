@@ -54,6 +54,12 @@ def _deepspeed_globals() -> list[Any]:
             collections.OrderedDict]
 
 
+def deepspeed_classes_allowed() -> contextlib.AbstractContextManager:
+    """Within the block, the weights-only unpickler may also build DeepSpeed's few checkpoint classes (used when
+    verifying a ZeRO checkpoint's files before DeepSpeed reads them)."""
+    return torch.serialization.safe_globals(_deepspeed_globals())
+
+
 @contextlib.contextmanager
 def deepspeed_loads_weights_only() -> Iterator[None]:
     """Within the block, every `torch.load` (DeepSpeed's included) uses the weights-only unpickler.
