@@ -193,6 +193,7 @@ def _reshard_worker(rank: int, world_size: int, port: int, root: str) -> None:
     # DeepSpeed's own loader (through the universal conversion) meets a planted pickle: it must refuse it.
     hostile = os.path.join(root, "hostile_zero2")
     shutil.copytree(os.path.join(root, "ckpt_zero2"), hostile)
+    shutil.rmtree(os.path.join(hostile, "zero_universal"), ignore_errors=True)  # convert again, from the planted file
     plant_pickle(os.path.join(hostile, "zero", "mp_rank_00_model_states.pt"), os.path.join(root, "MARKER"))
     try:
         build("zero2", weights).load(hostile)
