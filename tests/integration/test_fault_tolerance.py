@@ -138,14 +138,9 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_older_one_used(prepared,
     pickle that would create a marker file. Continuing the run to step 6 verifies checkpoint 4, skips it with one
     warning naming the file, marks it DAMAGED.json, resumes from step 2 and still ends bitwise equal to the
     uninterrupted run. Nothing is unpickled, and the replay does not write into the damaged directory."""
-    import pickle
+    from tests.hostile_files import plant_pickle
 
     marker = tmp_path / "MARKER"
-
-    class Plant:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
     storage_url = str(tmp_path / "runs")
     first = fit(config(prepared, steps=4), run_name="damaged", storage_url=storage_url, num_workers=2)
     run_dir = first["run_dir"]
@@ -153,8 +148,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_older_one_used(prepared,
     newest = os.path.join(run_dir, "checkpoint_000000004")
     shard = next(os.path.join(d, n) for d, _, ns in os.walk(os.path.join(newest, "engine")) for n in ns
                  if n.endswith(".safetensors"))
-    with open(shard, "wb") as f:
-        pickle.dump(Plant(), f)
+    plant_pickle(shard, str(marker))
     summary = fit(config(prepared), run_name="damaged", storage_url=storage_url, num_workers=2)
     assert not marker.exists()
     assert read_train_state(summary["checkpoint"])["step"] == STEPS

@@ -5,24 +5,16 @@ fails with one line naming the replaced file (exports are safetensors and JSON o
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
 
 import pytest
 
 from checkpoints.export import load_exported
 from serving.policy import ServingPolicy
+from tests.hostile_files import plant_pickle
 from tests.serving_support import make_artifacts
 
 pytestmark = [pytest.mark.integration]
-
-
-class _Plant:
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +29,7 @@ def test_a_pickle_planted_in_any_export_file_never_runs(export_dir, tmp_path):
     for rel in files:
         victim = tmp_path / rel.replace("/", "_")
         shutil.copytree(export_dir, victim)
-        with open(victim / rel, "wb") as f:
-            pickle.dump(_Plant(str(marker)), f)
+        plant_pickle(str(victim / rel), str(marker))
         # Offline evaluation needs no serving settings; the policy server reads every file.
         loaders = (ServingPolicy.load,) if rel == "serving.json" else (load_exported, ServingPolicy.load)
         for load in loaders:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from checkpoints import integrity
 from models.pi_behavior.config import tiny
 from models.pi_behavior.model import PiBehavior
+from tests.hostile_files import plant_pickle
 from trainer import parallel
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -34,27 +35,6 @@ EMA_DECAY = 0.9
 STRATEGIES = parallel.STRATEGIES
 CHECKPOINTED = ("fsdp", "zero3")  # activation checkpointing where it interacts with sharded weights
 UNIVERSAL = ("zero2", "zero3")
-
-
-class _Plant:
-    """Unpickling this creates a file: the marker that code from a checkpoint ran."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def plant_pickle(path: str, marker: str) -> None:
-    """Replace `path` with a pickle that would create `marker` (a torch zip for .pt files, raw otherwise)."""
-    if path.endswith(".pt"):
-        torch.save({"x": _Plant(marker)}, path)
-    else:
-        import pickle
-
-        with open(path, "wb") as f:
-            pickle.dump(_Plant(marker), f)
 
 
 def make_batch(seed: int) -> dict[str, torch.Tensor]:
