@@ -398,7 +398,14 @@ class StreamLoader:
             if buf and not self.cfg.drop_last:
                 yield self._emit(buf, loader)
         finally:
-            del it, loader  # shuts the worker processes down
+            # Shut the workers down here, on the thread that forked them. An exception from a worker keeps the
+            # iterator alive in its traceback, and when this (prefetch) thread then exits, PR_SET_PDEATHSIG
+            # SIGKILLs the still-registered workers and torch's SIGCHLD handler raises "DataLoader worker is
+            # killed by signal" in the main thread instead of the real error (seen in CI). torchdata is pinned.
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            del it, loader
 
     def _emit(self, buf: list[dict[str, Any]], loader: StatefulDataLoader) -> tuple[dict[str, torch.Tensor],
                                                                                       _Position]:

@@ -291,6 +291,25 @@ def test_missing_shard_names_the_shard(damaged):
         run(StreamLoader(d, cfg()))
 
 
+def test_a_worker_error_shuts_the_workers_down_before_the_prefetch_thread_ends(damaged):
+    """The real error reaches the caller and stays the only one: the workers are shut down (not SIGKILLed
+    by PR_SET_PDEATHSIG when the prefetch thread that forked them exits, which made torch's SIGCHLD
+    handler raise "DataLoader worker is killed by signal" in the main thread while the error was held)."""
+    import psutil
+    from torch.utils.data import DataLoader
+
+    list(DataLoader(range(4), num_workers=1))  # installs torch's process-wide SIGCHLD handler, as training does
+    d, raw = damaged
+    os.remove(os.path.join(d, raw["shards"][2]["name"]))
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(ShardError, match="missing") as info:
+        run(StreamLoader(d, cfg(num_workers=2)))
+    time.sleep(2.0)  # the error (and its traceback, which references the loader iterator) is still held here
+    assert info.value is not None
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert [p.pid for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
+
+
 def test_missing_manifest_says_how_to_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="b1k-train data shard"):
         StreamLoader(str(tmp_path), cfg())
