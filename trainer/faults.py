@@ -33,10 +33,14 @@ class FaultConfig:
     storage_error_rate: float = 0.0  # then each upload attempt fails with this probability
     nan_at_step: int = 0  # from this step on the loss is NaN on every rank... (0 = never)
     nan_steps: int = 0  # ...for this many consecutive steps (counted per process)
+    # Before step N+1, wait (up to 120 s) until Ray has committed checkpoint N: pins an order the async upload
+    # and the controller otherwise leave to timing (e.g. "checkpoint N is committed before the disk fills").
+    await_commit_step: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.at_step, self.nan_at_step, self.nan_steps, self.storage_errors) < 0:
-            raise ValueError("fault.at_step, nan_at_step, nan_steps and storage_errors must be >= 0")
+        if min(self.at_step, self.nan_at_step, self.nan_steps, self.storage_errors, self.await_commit_step) < 0:
+            raise ValueError("fault.at_step, nan_at_step, nan_steps, storage_errors and await_commit_step must be "
+                             ">= 0")
         if not 0.0 <= self.storage_error_rate < 1.0:
             raise ValueError(f"fault.storage_error_rate must be in [0, 1), got {self.storage_error_rate}")
 
@@ -49,7 +53,8 @@ class FaultConfig:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.at_step or self.storage_errors or self.storage_error_rate or self.nan_at_step)
+        return bool(self.at_step or self.storage_errors or self.storage_error_rate or self.nan_at_step
+                    or self.await_commit_step)
 
 
 class FaultInjector:
@@ -64,6 +69,8 @@ class FaultInjector:
     def before_step(self, step: int) -> None:
         """Call at the start of optimizer step `step` (1-based: the step about to be computed)."""
         c = self.cfg
+        if c.await_commit_step and step == c.await_commit_step + 1:
+            self._await_commit(c.await_commit_step)
         if not c.at_step or step != c.at_step:
             return
         if self.rank == c.kill_rank and self._claim("kill"):
@@ -99,6 +106,17 @@ class FaultInjector:
                       if not self._exists(f"storage_error_{k}"))
         if counted or (c.storage_error_rate and self._storage_rng.random() < c.storage_error_rate):
             raise OSError(f"fault injection: simulated storage error while {what}")
+
+    def _await_commit(self, step: int, timeout_s: float = 120.0) -> None:
+        from checkpoints.retention import committed_checkpoints
+
+        name = f"checkpoint_{step:09d}"
+        deadline = time.monotonic() + timeout_s
+        while name not in committed_checkpoints(self.run_dir_url):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fault injection: {name} was not committed within {timeout_s:.0f} s")
+            time.sleep(0.05)
+        log.info("fault injection: rank %d saw %s committed before step %d", self.rank, name, step + 1)
 
     # --- once-per-run markers ----------------------------------------------------------------------------
 

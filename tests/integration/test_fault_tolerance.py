@@ -178,7 +178,9 @@ def test_full_storage_stops_the_run_with_one_line_and_keeps_the_last_checkpoint(
     from checkpoints import integrity
     from trainer.supervisor import RunFailedError
 
-    cfg = config(prepared, "resilience.upload_backoff_s=5", "keep_last=3")
+    # Checkpoint 2 is committed before step 3 (not left to the race between its async upload, the controller's
+    # commit and checkpoint 4 filling the disk, which CI lost once under load).
+    cfg = config(prepared, "resilience.upload_backoff_s=5", "keep_last=3", "fault.await_commit_step=2")
     t0 = time.monotonic()
     with pytest.raises(RunFailedError) as info:
         fit(cfg, run_name="full", storage_url=small_disk, num_workers=2)

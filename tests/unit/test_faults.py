@@ -48,3 +48,25 @@ def test_fault_config_is_checked():
     with pytest.raises(ValueError, match=r"storage_error_rate must be in \[0, 1\)"):
         FaultConfig(storage_error_rate=1.0)
     assert not FaultConfig().enabled and FaultConfig(storage_errors=1).enabled
+
+
+def test_await_commit_waits_for_the_named_checkpoint_in_rays_snapshot(tmp_path):
+    import threading
+    import time
+
+    inj = FaultInjector(FaultConfig(await_commit_step=2), rank=0, run_dir_url=str(tmp_path))
+    inj.before_step(2)  # not the step after 2: returns at once
+    snapshot = tmp_path / "checkpoint_manager_snapshot.json"
+
+    def commit_later() -> None:
+        time.sleep(0.5)
+        snapshot.write_text('{"checkpoints": [{"path": "checkpoint_000000002"}]}')
+
+    t0 = time.monotonic()
+    threading.Thread(target=commit_later).start()
+    inj.before_step(3)
+    assert time.monotonic() - t0 >= 0.5
+    snapshot.write_text('{"checkpoints": [{"path": "checkpoint_000000004"}]}')
+    slow = FaultInjector(FaultConfig(await_commit_step=6), rank=0, run_dir_url=str(tmp_path))
+    with pytest.raises(TimeoutError, match="checkpoint_000000006 was not committed within 0 s"):
+        slow._await_commit(6, timeout_s=0.2)
