@@ -2,8 +2,8 @@
 
 The client torch optimizer is wrapped by ZeRO; DeepSpeed owns gradient accumulation (`engine.backward` divides by
 `gradient_accumulation_steps`, the boundary is set from `is_last_micro`), clipping (`gradient_clipping`) and the
-global grad norm. EMA shadows are the full module parameters for ZeRO 1/2 (in bf16 runs, the bf16 weights kept in
-fp32) and this rank's unpadded partition (`param.ds_tensor`) for ZeRO-3.
+global grad norm. EMA shadows are the full module parameters for ZeRO 1/2 and this rank's unpadded partition
+(`param.ds_tensor`) for ZeRO-3. bf16 is torch autocast inside DeepSpeed's forward: parameters stay fp32.
 """
 
 from __future__ import annotations
@@ -27,7 +27,13 @@ def deepspeed_config(*, stage: int, precision: str, grad_accum_steps: int, grad_
         "gradient_accumulation_steps": grad_accum_steps,
         "gradient_clipping": float(grad_clip_norm or 0.0),
         "zero_optimization": {"stage": stage},
-        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},  # skip non-finite steps
+        # bf16 through torch autocast, not DeepSpeed's bf16 mode: that mode casts every parameter to bf16, so the
+        # model's fp32 islands (mixing coefficients, inpainting map, action projections) would lose their
+        # precision (a 0.999 coefficient reads as 1.0). Under autocast the parameters and ZeRO's partitions stay
+        # fp32 and the islands compute in fp32; DeepSpeed reduces nn.Linear gradients in bf16 (its default
+        # lower-precision-safe modules) and everything else, the coefficients included, in fp32. The fp32
+        # optimizer skips a non-finite update itself.
+        "torch_autocast": {"enabled": precision == "bf16", "dtype": "bfloat16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # progress is logged by the trainer, not DeepSpeed
         "wall_clock_breakdown": False,
@@ -102,7 +108,7 @@ class DeepSpeedEngine(Engine):
     def full_model_state_dict(self, ema: bool = False) -> dict[str, torch.Tensor] | None:
         """Collective: full fp32 CPU state dict (EMA weights with `ema`) on rank 0, None elsewhere.
 
-        Weights come from ZeRO's fp32 master copy (gathered across ranks), so bf16 runs export fp32.
+        Weights come from ZeRO's fp32 parameters (gathered across ranks).
         """
         from deepspeed.utils import safe_get_full_fp32_param
 
@@ -120,7 +126,7 @@ class DeepSpeedEngine(Engine):
                 full = self._full_ema(key, value)
             else:
                 full = safe_get_full_fp32_param(value)
-                if full is None:  # frozen: no fp32 master (bf16 runs keep it in bf16 only)
+                if full is None:  # frozen: not in the optimizer, gathered from the module
                     full = self._gather_frozen(value)
             if rank0:
                 out[key] = full.detach().float().cpu().clone()

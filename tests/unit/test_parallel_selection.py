@@ -55,7 +55,8 @@ def test_bad_precisions_are_named():
 def test_deepspeed_config():
     cfg = parallel_zero.deepspeed_config(stage=2, precision="bf16", grad_accum_steps=4, grad_clip_norm=None,
                                          micro_batch_size=8)
-    assert cfg["zero_optimization"] == {"stage": 2} and cfg["bf16"]["enabled"] is True
+    assert cfg["zero_optimization"] == {"stage": 2} and "bf16" not in cfg  # bf16 mode would cast the fp32 islands
+    assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert cfg["gradient_accumulation_steps"] == 4 and cfg["gradient_clipping"] == 0.0
     assert cfg["train_micro_batch_size_per_gpu"] == 8 and cfg["zero_allow_untested_optimizer"] is True
 

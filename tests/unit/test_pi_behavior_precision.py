@@ -1,7 +1,7 @@
 """fp32 islands of pi-behavior under bf16 (pi_behavior.md §1.6, §1.7, §4.1): the KV-mixing einsum, the inpainting
 shift, action_in/out_proj, the time MLP, the task/stage fusion and the stage/FAST heads compute in fp32 under CPU
-bf16 autocast, and their parameters stay fp32 under FSDP's bf16 MixedPrecisionPolicy (world size 1, gloo), so a
-mixing coefficient of 0.999 (bf16: 1.0) survives an optimizer step.
+bf16 autocast, and their parameters stay fp32 under FSDP's bf16 MixedPrecisionPolicy and under ZeRO's bf16 (world
+size 1, gloo), so a mixing coefficient of 0.999 (bf16: 1.0) survives an optimizer step.
 """
 
 from __future__ import annotations
@@ -174,6 +174,60 @@ def test_fsdp_bf16_keeps_island_parameters_fp32(gloo_world_of_one):
                     "time_embedding": torch.float32, "task_stage": torch.float32,
                     "vlm_layers.0": BF16,  # the bf16 policy is on for the backbone
                     "actions": torch.float32}  # flow targets are not rounded to bf16 at the root
+    full = engine.full_model_state_dict()
+    c = full["kv_transform.k_coeffs"]
+    assert c.dtype == torch.float32 and c[0, 0] != 0.999 and abs(float(c[0, 0]) - 0.999) <= 1.01e-5
+
+
+# --- DeepSpeed ZeRO bf16 (world size 1) ---------------------------------------------------------------------------
+
+
+def test_zero3_bf16_keeps_island_parameters_fp32(gloo_world_of_one):
+    """ZeRO's bf16 (one config for stages 1-3) is torch autocast inside DeepSpeed's forward: the backbone's
+    matmuls run in bf16 while every parameter (ZeRO-3: every gathered one) stays fp32, the islands output fp32,
+    and 0.999 survives a step."""
+    from trainer import parallel
+
+    cfg = OptimConfig(peak_lr=1e-5, warmup_steps=0, decay_steps=10, final_lr=1e-5, ema_decay=None)
+
+    def init_fn(model):
+        model.to_empty(device="cpu")
+        model.init_weights()
+        set_mixing(model)
+
+    engine = parallel.build_engine(
+        "zero3", lambda: PiBehavior(small()), init_fn=init_fn, param_groups_fn=lambda m: build_param_groups(m, cfg),
+        optimizer_fn=lambda groups: build_optimizer(groups, cfg), device=torch.device("cpu"), precision="bf16")
+    model = engine.model
+    params: dict[str, torch.dtype] = {}
+    outputs: dict[str, torch.dtype] = {}
+
+    def record_param(name, get):
+        def hook(module, args) -> None:  # after DeepSpeed's own pre-forward hooks (ZeRO-3 gathers here)
+            params[name] = get(module).dtype
+        return hook
+
+    def record_output(name):
+        def hook(module, args, out) -> None:
+            outputs[name] = out.dtype
+        return hook
+
+    watched = {"kv_transform": (model.kv_transform, lambda m: m.k_coeffs),
+               "action_in_proj": (model.action_in_proj, lambda m: m.weight),
+               "action_out_proj": (model.action_out_proj, lambda m: m.weight),
+               "vlm_layers.0.q_proj": (model.vlm_layers[0].self_attn.q_proj, lambda m: m.weight)}
+    hooks = [module.register_forward_pre_hook(record_param(name, get)) for name, (module, get) in watched.items()]
+    hooks += [module.register_forward_hook(record_output(name)) for name, (module, _) in watched.items()
+              if name != "kv_transform"]
+    engine.train()
+    engine.forward_backward(make_batch(fast=False), generator=torch.Generator().manual_seed(1), is_last_micro=True)
+    norm = engine.step()
+    for h in hooks:
+        h.remove()
+    assert all(dtype == torch.float32 for dtype in params.values()), params
+    assert outputs == {"action_in_proj": torch.float32, "action_out_proj": torch.float32,
+                       "vlm_layers.0.q_proj": BF16}  # autocast is on for the backbone, off in the islands
+    assert torch.isfinite(torch.tensor(norm)) and norm > 0
     full = engine.full_model_state_dict()
     c = full["kv_transform.k_coeffs"]
     assert c.dtype == torch.float32 and c[0, 0] != 0.999 and abs(float(c[0, 0]) - 0.999) <= 1.01e-5
