@@ -434,11 +434,33 @@ def _absolute_paths(args: argparse.Namespace) -> None:
         setattr(args, name, absolute_url(getattr(args, name)))
 
 
+def _quiet_health_probes(record: logging.LogRecord) -> bool:
+    """websockets logs every plain-HTTP answer ("connection rejected (200 OK)"): for a server that is every
+    /healthz probe of a load balancer or Kubernetes, every few seconds. Those go to DEBUG (-v shows them); the
+    refusals that matter are logged by serving/ itself."""
+    return not record.getMessage().startswith("connection rejected (")
+
+
+def _configure_logging(*, verbose: bool) -> None:
+    from trainer import ray_logs
+
+    if verbose:
+        os.environ[ray_logs.DEBUG_ENV] = "1"  # workers (which inherit it) and the Ray log filter show everything
+    ray_logs.configure_env()  # before anything imports ray
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        logging.getLogger("websockets.server").addFilter(_quiet_health_probes)
+        # MLflow's own INFO ("Creating initial MLflow database tables", "Updating database tables") on every new
+        # local registry.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _absolute_paths(args)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(verbose=args.verbose)
     from trainer import redact
 
     redact.install()  # credentials never reach a log line, printed output or anything written

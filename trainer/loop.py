@@ -99,6 +99,13 @@ def _quiet_ray_worker_logs() -> None:
     builtins.print = getattr(patch_print, "_original_print", builtins.print)
 
 
+def train_tag(loop_config: dict[str, Any]) -> str:
+    """What this run's own lines start with: "[train]", or "[train <stage>]" in a pipeline (loop_config "stage"),
+    whose fine-tunes print at the same time."""
+    stage = loop_config.get("stage")
+    return f"[train {stage}]" if stage else "[train]"
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. loop_config: {"config": TrainConfig, "data": DataArtifacts, "run_dir": URL,
     "run_name": str, "tracking_dir": local dir for the default MLflow store}."""
@@ -160,7 +167,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                                 upload_backoff_s=res.upload_backoff_s,
                                 before_upload=faults.maybe_storage_error if cfg.fault.enabled else None)
     step = manager.restore(loop_config.get("restore_from"))
-    print(f"[train] rank {rank}/{world}: starting at step {step} with {accum} micro-batches per step "
+    tag = train_tag(loop_config)
+    print(f"{tag} rank {rank}/{world}: starting at step {step} with {accum} micro-batches per step "
           f"(rendezvous {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})", flush=True)
     tracker = make_tracker(rank)
     manager.tracking_run_id = tracker.start(run_dir_uri=loop_config["run_dir"],
@@ -171,7 +179,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                                             local_dir=loop_config["tracking_dir"])
     if step == 0:
         tracker.log_params({k: str(v) for k, v in config_dict.items()})
-    progress = ProgressLine(total_steps=cfg.num_steps, start_step=step, enabled=rank == 0)
+    progress = ProgressLine(total_steps=cfg.num_steps, start_step=step, enabled=rank == 0, tag=tag)
     try:
         if not loop_config.get("export_only"):
             run = StepRunner(cfg=cfg, engine=engine, loader=loader, manager=manager, tracker=tracker,
@@ -206,7 +214,7 @@ def _export(engine, cfg, model_cfg, config_dict, data, loop_config, rank, tracke
                             train_config=config_dict, norm_stats_url=data.norm_stats,
                             fast_tokenizer_url=data.fast_tokenizer, step=step, keep_copy_in=tmp, extra_state=extra)
         log.info("exported the serving artifact of step %d to %s", step, out)
-        print(f"[train] exported step {step} to {out}", flush=True)
+        print(f"{train_tag(loop_config)} exported step {step} to {out}", flush=True)
         if loop_config.get("export_only"):  # `b1k-train export` of some checkpoint: not the run's final model
             return
         tracker.log_dict({"export": out, "global_step": step}, "export.json")

@@ -14,8 +14,10 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class ProgressLine:
-    def __init__(self, *, total_steps: int, start_step: int, enabled: bool, stream=None):
-        self.total, self.enabled = total_steps, enabled
+    def __init__(self, *, total_steps: int, start_step: int, enabled: bool, stream=None, tag: str = "[train]"):
+        """`tag` starts every line: "[train]", or "[train <stage>]" for a pipeline stage, so that the lines of
+        fine-tunes running at once can be told apart."""
+        self.total, self.enabled, self.tag = total_steps, enabled, tag
         self.stream = stream or sys.stdout
         self.t0, self.s0 = time.perf_counter(), start_step
 
@@ -25,7 +27,7 @@ class ProgressLine:
         elapsed = time.perf_counter() - self.t0
         rate = (step - self.s0) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) / rate if rate > 0 else float("inf")
-        print(f"[train] step {step}/{self.total} ({100.0 * step / self.total:.1f}%) "
+        print(f"{self.tag} step {step}/{self.total} ({100.0 * step / self.total:.1f}%) "
               f"loss {metrics.get('loss', float('nan')):.4f} "
               f"action {metrics.get('action_loss', float('nan')):.4f} "
               f"{metrics.get('samples_per_s', 0.0):.1f} samples/s "
@@ -35,4 +37,4 @@ class ProgressLine:
 
     def close(self) -> None:
         if self.enabled:
-            print(f"[train] done in {_fmt_duration(time.perf_counter() - self.t0)}", file=self.stream, flush=True)
+            print(f"{self.tag} done in {_fmt_duration(time.perf_counter() - self.t0)}", file=self.stream, flush=True)

@@ -13,7 +13,7 @@ from trainer.k8s.errors import JobFailed, NameConflict, NotFound
 
 # KubeRay's jobDeploymentStatus values (ray.io/v1): terminal ones end `follow`.
 TERMINAL = {"Complete", "Failed", "ValidationFailed"}
-PROGRESS = re.compile(r"\[train\] step \d+/\d+.*")
+PROGRESS = re.compile(r"\[train(?: [^\]]+)?\] step \d+/\d+.*")  # "[train <stage>]" in a pipeline
 MANAGED_BY = {"app.kubernetes.io/managed-by": "b1k-train"}
 
 
