@@ -45,14 +45,18 @@ def first_step_loss(run_dir: str) -> float:
 # Every strategy learns and agrees on the first loss in test_parallel (engine level, all four); ddp and zero2
 # also go through fit in the tracking and fault tests. Here the full learning path (Ray, loader, export, held-out
 # eval) once, on the strategy the GPU recipes use: more strategies would add a minute each to the suite.
-@pytest.mark.parametrize("strategy", ["fsdp"])
-def test_fit_learns_beats_the_mean_baseline_and_exports(prepared, tmp_path, strategy):
+@pytest.fixture(scope="module")
+def learned(prepared, tmp_path_factory) -> dict:
+    """The fsdp learning run (120 steps, 2 workers): its summary, shared by the learning and export tests."""
+    storage = str(tmp_path_factory.mktemp("learn"))
+    return fit(config(prepared, "strategy=fsdp"), run_name="learn-fsdp", storage_url=storage, num_workers=2)
+
+
+def test_fit_learns_beats_the_mean_baseline_and_exports(prepared, learned):
     data, _ = prepared
-    summary = fit(config(prepared, f"strategy={strategy}"), run_name=f"learn-{strategy}", storage_url=str(tmp_path),
-                  num_workers=2)
-    run_dir = summary["run_dir"]
+    run_dir = learned["run_dir"]
     model, norm, _, exported = load_exported(f"{run_dir}/export")
-    assert exported["train"]["strategy"] == strategy
+    assert exported["train"]["strategy"] == "fsdp"
     batches = list(StreamLoader(data.shards, StreamConfig(batch_size=32, num_workers=0, train=False, num_epochs=1,
                                                           shards_per_group=2), norm_stats=norm))
     result = action_mse_vs_mean_baseline(model, batches)
@@ -113,11 +117,12 @@ def test_storage_without_permission_is_a_clear_error(prepared, s3_endpoint):
         fit(config(prepared), run_name="x", storage_url="s3://no-such-bucket-b1k/runs", num_workers=1)
 
 
-def test_export_command_rebuilds_the_same_artifact(prepared, tmp_path):
+def test_export_command_rebuilds_the_same_artifact(prepared, learned, tmp_path):
     from trainer.launch import export
 
-    cfg = config(prepared, "strategy=fsdp", "num_steps=4", "save_every=4")
-    summary = fit(cfg, run_name="exp", storage_url=str(tmp_path), num_workers=2)
-    out = export(cfg, run_name="exp", storage_url=str(tmp_path), out=str(tmp_path / "again"))
+    summary = learned  # the learning run's final checkpoint (no second fit: a minute of suite time)
+    storage = os.path.dirname(summary["run_dir"])
+    out = export(config(prepared, "strategy=fsdp"), run_name="learn-fsdp", storage_url=storage,
+                 out=str(tmp_path / "again"))
     a, b = load_file(os.path.join(summary["run_dir"], "export", MODEL_FILE)), load_file(os.path.join(out, MODEL_FILE))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
