@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.integration.test_readme_fit import assert_readable_log
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
@@ -30,8 +32,15 @@ def test_demo_runs_the_pipeline_registers_promotes_and_reports(tmp_path):
     assert sorted(t for c in mapping["checkpoints"].values() for t in c["tasks"]) == [0, 1, 40]
     assert (root / "eval" / "heatmap.png").stat().st_size > 1000
     assert f"export MLFLOW_TRACKING_URI=sqlite:///{root}/mlflow/mlflow.db" in text
+    # Readable logs (issue 17 point 6): the two fine-tunes train at once; each one's lines carry its stage and
+    # none is deduplicated away by Ray.
+    log = out.stdout + out.stderr
+    assert_readable_log(log)
+    for stage, steps in (("pretrain", 4), ("ckpt1", 2), ("ckpt4", 2)):
+        assert log.count(f"[train {stage}] step {steps}/{steps} ") == 1, stage
+        assert log.count(f"[train {stage}] done in") == 1, stage
     # A second run reuses every finished stage and keeps the champions.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "pretrain: done" in again.stdout and "[train]" not in again.stdout + again.stderr
+    assert "pretrain: done" in again.stdout and "[train" not in again.stdout + again.stderr
     assert again.stdout.count("already is @champion") == 2

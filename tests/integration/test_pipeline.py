@@ -138,7 +138,7 @@ def test_pipeline_killed_resumed_rerun_registered_and_promoted(s3_bucket, s3fs_c
     # 3. Re-run once more: nothing trains, nothing new is registered.
     third = _run(_pipeline_cmd(store), env)
     assert third.returncode == 0, third.stderr[-3000:]
-    assert "[train]" not in third.stdout + third.stderr
+    assert "[train" not in third.stdout + third.stderr  # "[train <stage>]" lines of a pipeline
     for line in ("pretrain: done", "fine-tune ckpt1: done", "fine-tune ckpt4: done", "already evaluated"):
         assert line in third.stdout
     assert all(len(client.search_model_versions(f"name='{n}'")) == 1 for n in MODELS)
