@@ -239,22 +239,31 @@ class Pipeline:
 
     def _evaluate(self, stages: list[Stage], client) -> dict[str, dict[str, Any]]:
         """Held-out metrics per model (cached in <root>/eval/<stage>.json once logged to its MLflow run)."""
+        import ray
+
+        from trainer.launch import init_ray
         from trainer.registry import log_eval_to_run
 
         wanted = [s for s in stages if s.eval_view]
         results: dict[str, dict[str, Any]] = {}
-        todo = []
+        pending = {}
         for st in wanted:
             cached = read_json(storage.join(self.root, "eval", f"{st.name}.json"))
             if cached is not None:
                 results[st.name] = cached
-            else:
-                todo.append(st)
-        here = self._evaluates_here()
-        if todo:
-            self.out(f"== eval: {[s.name for s in todo]} on held-out episodes "
-                     + ("(in this process)" if here else f"({len(todo)} Ray task(s))"))
-        for name, result in (self._eval_here(todo) if here else self._eval_on_ray(todo)):
+                continue
+            init_ray(max(self.workers[1], self.ft_workers[1]))
+            gpus = self.cfg.eval.num_gpus
+            if gpus < 0:
+                gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+            task = ray.remote(_evaluate_task).options(num_cpus=0 if gpus else 1, num_gpus=gpus)
+            ev = self.cfg.eval
+            pending[st.name] = task.remote(storage.join(self.root, st.run_name, "export"), st.eval_view,
+                                           list(st.tasks), ev.batch_size, ev.seed, ev.num_inference_steps)
+        if pending:
+            self.out(f"== eval: {list(pending)} on held-out episodes ({len(pending)} Ray task(s))")
+        for name, ref in pending.items():
+            result = ray.get(ref)
             run_id = result.get("mlflow_run_id")
             with tempfile.TemporaryDirectory() as tmp:
                 local = os.path.join(tmp, "eval.json")
@@ -264,43 +273,10 @@ class Pipeline:
                     log_eval_to_run(client, run_id, result, step=int(result["global_step"]), local_json=local)
             write_json(storage.join(self.root, "eval", f"{name}.json"), result)
             results[name] = result
-        skipped = [s.name for s in wanted if s.name not in {t.name for t in todo}]
+        skipped = [s.name for s in wanted if s.name not in pending]
         if skipped:
             self.out(f"== eval: {skipped} already evaluated; skipped")
         return results
-
-    def _evaluates_here(self) -> bool:
-        """Evaluate in this process on a one-machine cluster we start (no RAY_ADDRESS, no K8s runner): the driver is
-        that machine, it has torch imported already, and each Ray task would be one more worker process importing
-        torch and the model (~5 s each on 2 cores, for an evaluation of ~1 s). A real cluster evaluates on its
-        workers, on a GPU when it has one."""
-        return self.runner is None and not os.environ.get("RAY_ADDRESS")
-
-    def _eval_args(self, st: Stage) -> tuple:
-        ev = self.cfg.eval
-        return (storage.join(self.root, st.run_name, "export"), st.eval_view, list(st.tasks), ev.batch_size,
-                ev.seed, ev.num_inference_steps)
-
-    def _eval_here(self, todo: list[Stage]):
-        for st in todo:
-            yield st.name, _evaluate_task(*self._eval_args(st))
-
-    def _eval_on_ray(self, todo: list[Stage]):
-        """All submitted at once (they run side by side as the cluster has room), collected in order."""
-        import ray
-
-        from trainer.launch import init_ray
-
-        if not todo:
-            return
-        init_ray(max(self.workers[1], self.ft_workers[1]))
-        gpus = self.cfg.eval.num_gpus
-        if gpus < 0:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        task = ray.remote(_evaluate_task).options(num_cpus=0 if gpus else 1, num_gpus=gpus)
-        pending = {st.name: task.remote(*self._eval_args(st)) for st in todo}
-        for name, ref in pending.items():
-            yield name, ray.get(ref)
 
     def _register(self, stages: list[Stage], data: PipelineData, results: dict[str, dict[str, Any]],
                   client) -> dict[str, dict[str, Any]]:

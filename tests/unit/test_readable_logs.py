@@ -133,3 +133,20 @@ def test_health_probes_are_not_logged_at_info():
     assert not _quiet_health_probes(_record("connection rejected (%d %s)", 503, "Service Unavailable"))
     assert _quiet_health_probes(_record("connection open"))
     assert _quiet_health_probes(_record("server listening on %s", "127.0.0.1:8000"))
+
+
+# --- issue 17 point 8: what a local fit no longer starts ------------------------------------------------------
+
+def test_fits_without_ray_datasets_start_no_dataset_manager():
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    from trainer.launch import _without_unused_dataset_actor
+
+    cls = _without_unused_dataset_actor(TorchTrainer)
+    assert cls.__name__ == "TorchTrainer"
+    plain = cls(lambda: None, scaling_config=None)
+    assert not any(isinstance(c, DatasetsCallback) for c in plain._create_default_callbacks())
+    # A dataset factory (Ray calls it on the controller; never here): no cluster, no ray.data import.
+    with_data = cls(lambda: None, datasets={"train": lambda: None})
+    assert any(isinstance(c, DatasetsCallback) for c in with_data._create_default_callbacks())
