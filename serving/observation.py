@@ -3,12 +3,16 @@ offending key and what was expected.
 
 Images arrive RGBA at 224x224 (RGBLowResWrapper) or 720/480 (DefaultWrapper); the alpha channel is dropped and
 larger frames are resized with padding to 224, exactly as the training frames were (video_decode.resize_square).
-Everything here is CPU work on message-sized data, so the server runs it off its event loop (`decode`).
+Parsing checks every camera's dtype and shape (cheap: no pixel is read) but does not convert the pixels: most
+steps are answered from the current action chunk and never look at the images, so `Observation.images` (alpha
+dropped, resized) is computed only when the server infers (issue 21: converting three images on every step cost
+5-12 ms at 224 px). Everything here is CPU work on message-sized data, so the server runs it off its event loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import numpy as np
@@ -30,12 +34,19 @@ class ObservationError(ProtocolError):
 
 @dataclasses.dataclass(frozen=True)
 class Observation:
-    images: np.ndarray  # (3, 224, 224, 3) uint8 in model camera order (head, left wrist, right wrist)
+    cameras: tuple[np.ndarray, ...]  # validated camera frames as received (views of the message), model order
     state: np.ndarray  # (23,) float32, action order
     task: int
+    nbytes: int = 0  # size of the message it came from (the server's decoding lanes go by it)
+
+    @functools.cached_property
+    def images(self) -> np.ndarray:
+        """(3, 224, 224, 3) uint8 in model camera order (head, left wrist, right wrist): alpha dropped, resized."""
+        return np.stack([resize_square(np.ascontiguousarray(img[..., :3]), MODEL_IMAGE_SIZE) for img in self.cameras])
 
 
-def _image(msg: dict[str, Any], camera: str, max_side: int) -> np.ndarray:
+def _camera(msg: dict[str, Any], camera: str, max_side: int) -> np.ndarray:
+    """The camera's frame, checked (dtype, shape, sides) without touching its pixels."""
     key = EVAL_CAMERA_KEYS[camera]
     img = msg.get(key)
     if img is None:
@@ -51,7 +62,7 @@ def _image(msg: dict[str, Any], camera: str, max_side: int) -> np.ndarray:
     if min(h, w) * MODEL_IMAGE_SIZE < max(h, w):  # resizing to 224 would leave a side of 0 pixels
         raise ObservationError(f"{key!r} is {h}x{w}: an aspect ratio beyond {MODEL_IMAGE_SIZE}:1 leaves nothing "
                                f"after resizing to {MODEL_IMAGE_SIZE}x{MODEL_IMAGE_SIZE}; send the camera frame")
-    return resize_square(np.ascontiguousarray(img[..., :3]), MODEL_IMAGE_SIZE)
+    return img
 
 
 def _state(msg: dict[str, Any]) -> np.ndarray:
@@ -79,11 +90,13 @@ def _state(msg: dict[str, Any]) -> np.ndarray:
     return state
 
 
-def parse_observation(msg: Any, *, num_tasks: int, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE) -> Observation:
-    """Validate one observation message and build the model inputs (ObservationError on bad input)."""
+def parse_observation(msg: Any, *, num_tasks: int, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
+                      nbytes: int = 0) -> Observation:
+    """Validate one observation message and build the model inputs (ObservationError on bad input); the images
+    are converted on first use of `.images`."""
     if not isinstance(msg, dict):
         raise ObservationError(f"an observation must be a map, got {type(msg).__name__}")
-    images = np.stack([_image(msg, cam, max_image_side) for cam in CAMERAS])
+    cameras = tuple(_camera(msg, cam, max_image_side) for cam in CAMERAS)
     state = _state(msg)
     task = msg.get(TASK_KEY)
     if task is None:
@@ -100,7 +113,7 @@ def parse_observation(msg: Any, *, num_tasks: int, max_image_side: int = DEFAULT
         raise ObservationError(f"{TASK_KEY!r} must be an int64 array of shape (1,), got {type(task).__name__}")
     if not 0 <= task < num_tasks:
         raise ObservationError(f"unknown task id {task}: this server serves task ids 0..{num_tasks - 1}")
-    return Observation(images=images, state=state, task=task)
+    return Observation(cameras=cameras, state=state, task=task, nbytes=nbytes)
 
 
 def decode(message: bytes, *, num_tasks: int, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE) -> Observation | None:
@@ -108,4 +121,4 @@ def decode(message: bytes, *, num_tasks: int, max_image_side: int = DEFAULT_MAX_
     msg = unpack(message)
     if isinstance(msg, dict) and "reset" in msg:
         return None
-    return parse_observation(msg, num_tasks=num_tasks, max_image_side=max_image_side)
+    return parse_observation(msg, num_tasks=num_tasks, max_image_side=max_image_side, nbytes=len(message))

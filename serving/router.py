@@ -6,10 +6,14 @@ Sources (`b1k-train serve --model ...`):
   pipeline's also carry "model_uri"): each task goes to its checkpoint. A "path" may itself be a registry URI,
   and a relative path is taken relative to the mapping file.
 
-Models load on first use and stay resident while the sum of their sizes fits `memory_budget_bytes`; beyond it
-the least recently used one is dropped (the model in use never is). A registry alias is looked up again on
-`reload()`: when it names a new version, the old model is dropped and the next request loads the new one, while
-every connection stays open.
+Before /healthz turns 200, `preload` loads the routing's checkpoints so that no episode pays a load (issue 21: a
+cold checkpoint made one step take 2.2 s): "auto" (the default) loads them in routing order while they fit the
+memory budget, "all" loads every one and refuses to start when they do not fit, "none" loads only the first
+(proof that the artifacts load) and the rest on first use. Models load on first use otherwise and stay resident
+while the sum of their sizes fits `memory_budget_bytes`; beyond it the least recently used one is dropped (the
+model in use never is); the server reports a load in the reply of the step that paid it (server_timing.load_ms).
+A registry alias is looked up again on `reload()`: when it names a new version, the old model is dropped and the
+next request loads the new one, while every connection stays open.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from serving.observation import ObservationError
 from serving.policy import ServingPolicy
 
 log = logging.getLogger(__name__)
+PRELOAD_MODES = ("auto", "all", "none")
 
 
 @dataclasses.dataclass
@@ -69,8 +74,10 @@ def _is_mapping(url: str) -> bool:
 class ModelRouter:
     def __init__(self, source: str, *, memory_budget_bytes: int = 8 << 30, device: str = "cpu",
                  overrides: list[str] | None = None,
-                 loader: Callable[..., ServingPolicy] = ServingPolicy.load) -> None:
-        self.source = source
+                 loader: Callable[..., ServingPolicy] = ServingPolicy.load, preload: str = "auto") -> None:
+        if preload not in PRELOAD_MODES:
+            raise ValueError(f"serving.preload must be one of {', '.join(PRELOAD_MODES)}, got {preload!r}")
+        self.source, self.preload = source, preload
         self.routes = _load_mapping(source) if _is_mapping(source) else [
             Route(name=source.rstrip("/").rsplit("/", 1)[-1] or source, url=source, tasks=None)]
         self.budget, self.device, self.overrides, self._loader = memory_budget_bytes, device, overrides, loader
@@ -101,7 +108,9 @@ class ModelRouter:
 
     def get(self, task: int) -> ServingPolicy:
         """The model serving `task`, loading it (and evicting others beyond the budget) if needed."""
-        route = self.route(task)
+        return self._get(self.route(task), task)
+
+    def _get(self, route: Route, task: int, evict: bool = True) -> ServingPolicy:
         with self._lock:
             if is_model_uri(route.url) and route.version is None:
                 route.version = lookup(route.url).version
@@ -114,7 +123,7 @@ class ModelRouter:
             policy = self._loader(self._resolved_url(route), name=key, overrides=self.overrides, device=self.device)
             self.loads += 1
             self._resident[key] = policy
-            while len(self._resident) > 1 and self.resident_bytes > self.budget:
+            while evict and len(self._resident) > 1 and self.resident_bytes > self.budget:
                 old, dropped = self._resident.popitem(last=False)
                 log.info("memory budget %.1f MB: unloaded %s (%.1f MB)", self.budget / 2**20, old,
                          dropped.nbytes / 2**20)
@@ -147,8 +156,8 @@ class ModelRouter:
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
     def validate(self) -> None:
-        """Check every route points at a complete export (registry versions resolved), then load the first
-        route's model: after this the server can answer. Raises naming the broken route."""
+        """Check every route points at a complete export (registry versions resolved), then load the models
+        `preload` asks for: after this the server can answer. Raises naming the broken route."""
         from checkpoints.export_reader import read_state
 
         for route in self.routes:
@@ -159,8 +168,27 @@ class ModelRouter:
                     read_state(route.url)
             except (FileNotFoundError, ValueError) as e:
                 raise type(e)(f"model {route.name!r} ({route.url}): {e}") from e
-        first = self.routes[0]
-        self.get(first.tasks[0] if first.tasks else 0)
+        self._preload()
+
+    def _preload(self) -> None:
+        todo = self.routes if self.preload != "none" else self.routes[:1]
+        for i, route in enumerate(todo):
+            self._get(route, route.tasks[0] if route.tasks else 0, evict=False)
+            if self.resident_bytes <= self.budget or i == 0:
+                continue
+            # The LRU rule would now drop an earlier checkpoint: keep the ones loaded so far instead.
+            with self._lock:
+                dropped = self._resident.pop(self._key(route))
+            need = sum(p.nbytes for p in self._resident.values()) + dropped.nbytes
+            if self.preload == "all":
+                raise ValueError(f"serving.preload=all: the routing's checkpoints need more than {need / 2**30:.2f}"
+                                 f" GiB, over the memory budget of {self.budget / 2**30:.2f} GiB; raise "
+                                 f"--memory-budget-gb or use serving.preload=auto")
+            rest = ", ".join(r.name for r in todo[i:])
+            log.warning("serving.preload=auto: %s do(es) not fit the memory budget of %.2f GiB next to %s; loaded "
+                        "on first use (an episode then waits for the load)", rest, self.budget / 2**30,
+                        ", ".join(self._resident))
+            return
 
     def reload(self) -> dict[str, str | None]:
         """Look registry aliases up again; models whose alias moved are dropped (loaded again on next use).
@@ -177,7 +205,14 @@ class ModelRouter:
             return {r.name: r.version for r in self.routes}
 
     def describe(self) -> dict:
-        """For the connect-time metadata and the admin endpoint."""
-        return {"models": [{"name": r.name, "url": r.url, "version": r.version,
+        """For the connect-time metadata and the admin endpoint: models by name, registry alias and version, never
+        by path or URL (they name the host's directories and buckets). String keys only: the evaluator decodes
+        the metadata with msgpack's strict_map_key."""
+        return {"models": [{"name": r.name, "alias": _alias(r.url), "version": r.version,
                             "tasks": list(r.tasks) if r.tasks else "all"} for r in self.routes],
-                "resident": self.resident()}
+                "resident": self.resident(), "preload": self.preload}
+
+
+def _alias(url: str) -> str | None:
+    """The alias of a `models:/NAME@alias` URI (None for a path or a pinned version)."""
+    return url.rsplit("@", 1)[1] if is_model_uri(url) and "@" in url else None

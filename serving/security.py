@@ -1,12 +1,19 @@
-"""The policy server's protection: optional API keys (the evaluator's `Authorization: Api-Key <key>` header), admin
-keys of their own for /admin/*, TLS, and bounds on message size, image size, connection count and idle connections
-that the BEHAVIOR evaluator never hits.
+"""The policy server's protection: optional API keys (`Authorization: Api-Key <key>`, for clients that can send
+one: openpi-client's api_key, our tools), admin keys of their own for /admin/*, TLS, and bounds on message size,
+image size, connection count and idle connections that the BEHAVIOR evaluator never hits.
+
+The stock BEHAVIOR evaluator (eval.py policy=websocket) cannot send a key: its config has host, port and
+allow_reconnect only. Protect it by where the server listens instead (loopback + port-forward, or the chart's
+NetworkPolicy; docs/serving.md). Nothing here may end its run for a benign reason: a connection over the cap
+waits for a slot (the client has no receive timeout) instead of getting 503, which it does not retry; idle
+timeouts are off unless set, and close with a code its allow_reconnect retries (1013, not 1001).
 
 Memory: websockets buffers no message ahead of the one being answered beyond one (`READ_AHEAD_MESSAGES`), so the
 server holds at most 2 messages per open connection, each at most `max_message_mb`, plus the decoded copy of the
 one large message being decoded (serving/decoding.py): at most max_message_mb x (2 x max_connections + 1) for
-messages in flight, e.g. 64 MB x 129 = 8.1 GB with the defaults (lower --max-connections to fit a smaller pod);
-while a frame is being received, websockets briefly holds up to two more copies of it (unmasking).
+messages in flight, e.g. 16 MiB x 129 = 2 GiB with the defaults (lower --max-connections to fit a smaller pod);
+while a frame is being received, websockets briefly holds up to two more copies of it (unmasking). Connections
+waiting for a slot have not been sent the metadata yet, so the evaluator sends nothing on them.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from serving.observation import DEFAULT_MAX_IMAGE_SIDE
 API_KEYS_ENV = "B1K_API_KEYS"  # comma-separated accepted keys
 API_KEYS_FILE_ENV = "B1K_API_KEYS_FILE"  # a file with one key per line (a mounted Kubernetes Secret)
 ADMIN_KEYS_ENV, ADMIN_KEYS_FILE_ENV = "B1K_ADMIN_KEYS", "B1K_ADMIN_KEYS_FILE"  # the same, for /admin/*
-FULL_RES_OBSERVATION_MB = 16  # three 720x720/480x480 RGBA frames plus proprio, msgpack-encoded
+# Measured (tests/serving_support.observation, byte-identical to the evaluator's): a 720/480 observation (three
+# RGBA frames, 720x720 head and 480x480 wrists, plus proprio) is 3,918,407 bytes; a 224-px one 603,713.
+FULL_RES_OBSERVATION_MIB = 3.74
 MIN_KEY_CHARS = 16
 READ_AHEAD_MESSAGES = 0  # websockets' max_queue: reading pauses while a received message waits for the handler
 
@@ -33,9 +42,14 @@ class SecurityConfig:
 
     api_keys: tuple[str, ...] = ()  # empty: no authentication (the server then listens on 127.0.0.1 by default)
     admin_keys: tuple[str, ...] = ()  # empty: /admin/status and /admin/reload do not exist (404)
-    max_message_mb: float = 64.0  # 4x a full-resolution observation
+    max_message_mb: float = 16.0  # MiB; ~4x a full-resolution (720/480) observation
     max_connections: int = 64  # evaluator processes; each holds one connection for its whole run
-    idle_timeout_s: float = 1800.0  # an evaluator between episodes (scene reset) stays well below this
+    # A connection over max_connections waits this long for a slot (logged), then is closed with 1013. The stock
+    # client treats that close as fatal, hence the generous bound: an evaluator run outlives most waits.
+    connect_wait_s: float = 3600.0
+    # 0 = off (the default): an evaluator is silent for 150-300 s while a scene loads, and its reset() does not
+    # reconnect. When set, an idle connection is closed with 1013, which allow_reconnect retries on act().
+    idle_timeout_s: float = 0.0
     max_image_side: int = DEFAULT_MAX_IMAGE_SIDE  # larger camera frames are a bad request
     decode_workers: int = 2  # threads that decode and resize small messages, off the event loop
     large_frame_share: float = 0.25  # of the wall time for frames above 4 MB while small ones are served
@@ -43,11 +57,14 @@ class SecurityConfig:
     tls_key: str | None = None
 
     def __post_init__(self) -> None:
-        if self.max_message_mb <= FULL_RES_OBSERVATION_MB:
+        if self.max_message_mb <= FULL_RES_OBSERVATION_MIB:
             raise ValueError(f"max_message_mb={self.max_message_mb} would reject the evaluator's full-resolution "
-                             f"observations (~{FULL_RES_OBSERVATION_MB} MB); use more than {FULL_RES_OBSERVATION_MB}")
-        if self.max_connections < 1 or self.idle_timeout_s <= 0 or self.decode_workers < 1:
-            raise ValueError("max_connections and decode_workers must be >= 1 and idle_timeout_s > 0")
+                             f"observations ({FULL_RES_OBSERVATION_MIB} MiB); use at least 4")
+        if self.max_connections < 1 or self.decode_workers < 1:
+            raise ValueError("max_connections and decode_workers must be >= 1")
+        if self.idle_timeout_s < 0 or self.connect_wait_s < 0:
+            raise ValueError(f"idle_timeout_s ({self.idle_timeout_s}) and connect_wait_s ({self.connect_wait_s}) "
+                             f"must be >= 0 (idle_timeout_s 0 = off)")
         if self.max_image_side < MODEL_IMAGE_SIZE:
             raise ValueError(f"max_image_side={self.max_image_side} would reject the evaluator's {MODEL_IMAGE_SIZE}x"
                              f"{MODEL_IMAGE_SIZE} frames; use at least {MODEL_IMAGE_SIZE} (default "

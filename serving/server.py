@@ -2,22 +2,30 @@
 
 Protocol (behavior_data_and_protocol §4-5): `GET /healthz` is 200 once the models are validated and the first
 one is loaded, 503 before. A websocket (no size limit, no compression) gets one binary msgpack metadata frame on
-connect; then each binary observation gets a binary `{"action": float32 (23,), "server_timing": {...}}` reply,
-and `{"reset": true}` gets no reply and clears that connection's control state. Anything malformed gets a text
-frame naming the problem, then close code 1011; other connections are not affected.
+connect; then each binary observation gets a binary `{"action": float32 (23,), "server_timing": {...}}` reply
+(`infer_ms`, `load_ms`: a checkpoint load this step waited for, `prev_total_ms`), and `{"reset": true}` gets no
+reply and clears that connection's control state. Anything malformed gets a text frame naming the problem, then
+close code 1011; other connections are not affected.
 
 Admin: `GET /admin/status` (JSON: models, resident set, batch sizes) and `GET /admin/reload` (re-resolve registry
 aliases; SIGHUP does the same), both without dropping connections. They exist only with admin keys configured
 (404 otherwise) and need `Authorization: Api-Key <admin key>`; a client API key does not open them.
 
 Security (serving/security.py): with API keys configured, everything but /healthz and /admin/* needs
-`Authorization: Api-Key <key>` (401 before the websocket upgrade otherwise); optional TLS; messages above the size
-cap close the connection with 1009, connections beyond the cap get 503, and a connection idle for too long is
-closed with 1001.
+`Authorization: Api-Key <key>` (401 before the websocket upgrade otherwise; the stock evaluator cannot send one);
+optional TLS; messages above the size cap close the connection with 1009.
 
-The event loop only moves bytes: decoding a message (msgpack, image checks, resizing) runs on threads that keep
-small frames apart from large ones and limit the large ones' share (serving/decoding.py), and inference runs on
-the batcher's thread, so clients sending full-resolution frames do not hold up the others.
+The stock evaluator client (BEHAVIOR-1K WebsocketClientPolicy; tests/evaluator_client.StockEvaluator) dies on any
+HTTP status at the upgrade and on a clean close (1000/1001, ConnectionClosedOK); with allow_reconnect it reconnects
+on an abnormal one (ConnectionClosedError) inside act(). So: a connection beyond --max-connections is upgraded and
+waits (its metadata frame is held back, the client has no receive timeout) until a slot frees, for at most
+connect_wait_s; an idle timeout (off by default) closes with 1013; shutdown closes with 1012 (service restart), so
+a reconnecting client resends its observation to the restarted server.
+
+The event loop only moves bytes: parsing a message (msgpack, cheap checks) and, on steps that infer, converting its
+images run on threads that keep small frames apart from large ones and limit the large ones' share
+(serving/decoding.py); steps answered from the current chunk never touch the pixels. Inference runs on the
+batcher's thread, so clients sending full-resolution frames do not hold up the others.
 """
 
 from __future__ import annotations
@@ -48,7 +56,8 @@ from trainer import redact
 
 log = logging.getLogger(__name__)
 CLOSE_INTERNAL_ERROR = 1011
-CLOSE_GOING_AWAY = 1001
+CLOSE_SERVICE_RESTART = 1012  # shutdown: the stock client's allow_reconnect retries it
+CLOSE_TRY_AGAIN_LATER = 1013  # idle timeout, no slot within connect_wait_s (1001 would be ConnectionClosedOK)
 CLOSE_MESSAGE_TOO_BIG = 1009
 
 
@@ -60,9 +69,11 @@ class PolicyServer:
         self.security = security or SecurityConfig()
         redact.REDACTOR.add(*self.security.api_keys, *self.security.admin_keys)
         redact.protect_logger("websockets.server")  # its debug log prints request headers, Authorization included
-        self.rejected = 0  # requests refused for a missing/wrong API key or the connection cap
+        self.rejected = 0  # requests refused for a missing/wrong API key, connections that found no slot in time
         self.exit_on_startup_error = exit_on_startup_error
-        self.connections = 0
+        self.connections = 0  # connections holding a slot
+        self.waiting = 0  # connections waiting for one
+        self._slots: asyncio.Semaphore | None = None  # created on the server's loop
         self.batcher = InferenceBatcher(window_ms=batch_window_ms, max_batch=max_batch,
                                         expected=lambda: self.connections)
         self.ready = False
@@ -91,16 +102,10 @@ class PolicyServer:
             # Never log the header: a wrong key is often a real key of another service.
             log.warning("refused %s from %s: missing or invalid API key", path, connection.remote_address)
             return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or invalid API key: send the header "
-                                      "'Authorization: Api-Key <key>' (the evaluator's api_key setting)\n")
-        if not self.ready:  # the evaluator retries its websocket connect until we are up
+                                      "'Authorization: Api-Key <key>' (openpi-client's api_key); the stock BEHAVIOR "
+                                      "evaluator cannot send one: serve it without keys (docs/serving.md)\n")
+        if not self.ready:  # the stock client polls /healthz before connecting: only other clients get here
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
-        if self.connections >= self.security.max_connections:
-            self.rejected += 1
-            log.warning("refused a connection from %s: %d open (--max-connections)", connection.remote_address,
-                        self.connections)
-            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, f"too many connections "
-                                      f"({self.connections} open, --max-connections {self.security.max_connections});"
-                                      f" retry later\n")
         return None
 
     async def _admin(self, connection: ServerConnection, request: Any, path: str):
@@ -122,33 +127,73 @@ class PolicyServer:
         return connection.respond(http.HTTPStatus.OK, json.dumps({"versions": versions}) + "\n")
 
     def status(self) -> dict[str, Any]:
-        return {"ready": self.ready, "connections": self.connections, "errors": self.errors, "rejected": self.rejected,
+        return {"ready": self.ready, "connections": self.connections, "waiting": self.waiting, "errors": self.errors,
+                "rejected": self.rejected,
                 "batch_sizes": dict(sorted(self.batcher.batch_sizes.items())), **self.router.describe()}
 
     # --- websocket side ---------------------------------------------------------------------------------------
 
-    async def _policy(self, task: int):
+    async def _policy(self, task: int) -> tuple[Any, float]:
+        """The model for `task` and the ms this step waited for it to load (0 when resident)."""
         policy = self.router.peek(task)  # raises ObservationError for an unmapped task
         if policy is not None:
-            return policy
-        return await asyncio.get_running_loop().run_in_executor(None, self.router.get, task)
+            return policy, 0.0
+        t0 = time.perf_counter()
+        policy = await asyncio.get_running_loop().run_in_executor(None, self.router.get, task)
+        return policy, (time.perf_counter() - t0) * 1e3
 
     async def _step(self, session: ControlSession, obs: Observation | None) -> dict[str, Any] | None:
         if obs is None:  # {"reset": true}
             session.reset()
             return None
-        policy = await self._policy(obs.task)
+        policy, load_ms = await self._policy(obs.task)
         session.begin(obs.task, policy.info(obs.task))
         infer_ms = 0.0
         if session.needs_inference():
-            result = await self.batcher.submit(policy, session.request(obs.images, obs.state))
+            images = await self.decode.images(obs)  # only now: chunk steps never convert the pixels
+            result = await self.batcher.submit(policy, session.request(images, obs.state))
             session.accept(obs.state, result)
             infer_ms = result.infer_ms
         action = np.asarray(session.next_action(), dtype=np.float32)
-        return {"action": action, "server_timing": {"infer_ms": infer_ms}}
+        return {"action": action, "server_timing": {"infer_ms": infer_ms, "load_ms": load_ms}}
+
+    async def _take_slot(self, ws: ServerConnection, conn: int) -> bool:
+        """Wait (bounded by connect_wait_s) for one of the max_connections slots; False if none freed in time
+        (the connection is then closed with 1013)."""
+        assert self._slots is not None
+        if not self._slots.locked():
+            await self._slots.acquire()
+            return True
+        wait_s = self.security.connect_wait_s
+        log.warning("connection %d from %s waits for a slot: %d open (--max-connections %d), %d waiting; at most "
+                    "%g s", conn, ws.remote_address, self.connections, self.security.max_connections,
+                    self.waiting + 1, wait_s)
+        self.waiting += 1
+        t0 = time.perf_counter()
+        try:
+            await asyncio.wait_for(self._slots.acquire(), timeout=wait_s)
+        except TimeoutError:
+            self.rejected += 1
+            log.warning("connection %d: no slot freed within %g s; closed with 1013", conn, wait_s)
+            try:
+                await ws.close(CLOSE_TRY_AGAIN_LATER, f"no free slot within {wait_s:g} s (--max-connections)")
+            except ConnectionClosed:
+                pass
+            return False
+        finally:
+            self.waiting -= 1
+        log.info("connection %d got a slot after %.1f s", conn, time.perf_counter() - t0)
+        return True
+
+    async def _receive(self, ws: ServerConnection) -> Any:
+        if not self.security.idle_timeout_s:
+            return await ws.recv()
+        return await asyncio.wait_for(ws.recv(), timeout=self.security.idle_timeout_s)
 
     async def _handler(self, ws: ServerConnection) -> None:
         conn = next(self._ids)
+        if not await self._take_slot(ws, conn):
+            return
         self.connections += 1
         session = ControlSession()
         prev_total_ms = 0.0
@@ -158,7 +203,7 @@ class PolicyServer:
                                 **self.router.describe()}))
             while True:
                 try:
-                    message = await asyncio.wait_for(ws.recv(), timeout=self.security.idle_timeout_s)
+                    message = await self._receive(ws)
                 except TimeoutError:
                     await self._close_idle(ws, conn)
                     return
@@ -167,7 +212,7 @@ class PolicyServer:
                     if isinstance(message, str):
                         raise ProtocolError("text frames are not part of the protocol: send binary msgpack frames")
                     obs = await self.decode(message)  # off the event loop
-                    del message  # the observation holds only the resized images: free the frame now
+                    del message  # the observation holds copies of its arrays (msgpack bin): free the frame now
                     reply = await self._step(session, obs)
                 except Exception as e:  # noqa: BLE001 - bad input or a failed inference ends this connection only
                     await self._fail(ws, conn, e)
@@ -184,6 +229,8 @@ class PolicyServer:
                             self.security.max_message_mb)
         finally:
             self.connections -= 1
+            assert self._slots is not None
+            self._slots.release()
             log.info("connection %d closed", conn)
 
     async def _fail(self, ws: ServerConnection, conn: int, e: Exception) -> None:
@@ -201,11 +248,12 @@ class PolicyServer:
             pass
 
     async def _close_idle(self, ws: ServerConnection, conn: int) -> None:
-        text = f"idle for {self.security.idle_timeout_s:g} s without a message: closing; reconnect to continue"
-        log.info("connection %d: %s", conn, text)
+        # No text frame: the stock client turns one into a RuntimeError, while a 1013 close is what its
+        # allow_reconnect retries (on its next act(); its reset() does not reconnect).
+        log.info("connection %d: idle for %g s without a message: closed with 1013", conn,
+                 self.security.idle_timeout_s)
         try:
-            await ws.send(text)
-            await ws.close(CLOSE_GOING_AWAY, "idle timeout")
+            await ws.close(CLOSE_TRY_AGAIN_LATER, f"idle for {self.security.idle_timeout_s:g} s: reconnect")
         except ConnectionClosed:
             pass
 
@@ -229,6 +277,7 @@ class PolicyServer:
     async def run(self, started: threading.Event | None = None) -> None:
         """Serve until stop(); `started` is set once the port is bound (self.port holds the real port)."""
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        self._slots = asyncio.Semaphore(self.security.max_connections)
         try:
             server = await serve(self._handler, self.host, self.port, compression=None,
                                  max_size=self.security.max_message_bytes, max_queue=READ_AHEAD_MESSAGES,
@@ -237,7 +286,7 @@ class PolicyServer:
         except OSError as e:
             raise ValueError(_bind_error(self.host, self.port, e)) from None  # the asyncio traceback says nothing
         self.batcher.start()
-        async with server:
+        try:
             self.port = server.sockets[0].getsockname()[1]
             if threading.current_thread() is threading.main_thread():
                 self._loop.add_signal_handler(signal.SIGHUP, lambda: self._loop.run_in_executor(
@@ -249,6 +298,11 @@ class PolicyServer:
             warm = asyncio.create_task(self._warm_up())
             await self._stop.wait()
             warm.cancel()
+        finally:
+            # 1012, not websockets' default 1001: a clean close is fatal to the stock client even with
+            # allow_reconnect; 1012 makes it poll /healthz and resend its observation to the restarted server.
+            server.close(code=CLOSE_SERVICE_RESTART, reason="server restarting: reconnect")
+            await server.wait_closed()
         await self.batcher.stop()
         self.decode.shutdown()
 

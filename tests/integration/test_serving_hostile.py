@@ -184,7 +184,7 @@ def test_a_connection_holds_at_most_two_messages(artifacts):
         policy.infer = lambda reqs: (gate.wait(60), infer(reqs))[1]
         return policy
 
-    srv = _start(artifacts["a"], loader=gated)
+    srv = _start(artifacts["a"], loader=gated, max_message_mb=48)
     frame = pack({**observation(0), "padding": np.zeros(40 << 20, np.uint8)})
     client = EvaluatorClient("127.0.0.1", srv.port)
     sent: list[int] = []
@@ -248,6 +248,10 @@ def test_admin_endpoints_need_the_admin_key_and_refuse_client_keys(artifacts, ca
                 assert status == 401 and b"missing or invalid admin key" in body, (key, path, status)
         status, body = _get(base + "/admin/status", ADMIN_KEY)
         assert status == 200 and json.loads(body)["rejected"] == 6
+        # Models by name, alias and version: the export directories (absolute paths) are not shown (issue 21).
+        assert json.loads(body)["models"] == [{"name": "a", "alias": None, "version": None, "tasks": [0, 1]},
+                                              {"name": "b", "alias": None, "version": None, "tasks": [40]}]
+        assert artifacts["a"] not in body.decode() and artifacts["mapping"] not in body.decode()
         status, body = _get(base + "/admin/reload", ADMIN_KEY)
         assert status == 200 and json.loads(body) == {"versions": {"a": None, "b": None}}
         assert _get(base + "/admin/other", ADMIN_KEY)[0] == 404

@@ -1,6 +1,7 @@
-"""The policy server's protection over real sockets: API keys (openpi-client's `api_key` and the evaluator's
-header), 401 before the upgrade, /healthz open, keys never logged; message-size and connection caps; idle
-timeouts; TLS with a self-signed certificate made here."""
+"""The policy server's protection over real sockets: API keys (openpi-client's `api_key` and our client's header),
+401 before the upgrade, /healthz open, keys never logged; message-size and connection caps (a connection over the
+cap waits for a slot); idle timeouts (off by default, 1013 when set); TLS with a self-signed certificate made
+here. The stock evaluator's view of the same limits is tests/integration/test_evaluator_conformance.py."""
 
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ def test_api_keys_gate_everything_but_healthz_and_are_never_logged(artifacts, ca
                 connect(f"ws://127.0.0.1:{srv.port}", additional_headers=header, open_timeout=10)
             assert e.value.response.status_code == 401
             assert b"Authorization: Api-Key <key>" in e.value.response.body
+            assert b"stock BEHAVIOR evaluator cannot send one" in e.value.response.body
         # openpi-client (what the evaluator uses) with its api_key setting.
         policy = WebsocketClientPolicy(host="127.0.0.1", port=srv.port, api_key=KEY)
         action = policy.infer(observation(0))["action"]
@@ -87,11 +89,12 @@ def test_api_keys_gate_everything_but_healthz_and_are_never_logged(artifacts, ca
 
 
 def test_oversized_message_closes_only_that_connection_with_1009(artifacts):
-    srv = _start(artifacts, max_message_mb=17)
+    srv = _start(artifacts, max_message_mb=5)
     try:
         good = EvaluatorClient("127.0.0.1", srv.port)
         big = EvaluatorClient("127.0.0.1", srv.port)
-        big.ws.send(b"\x00" * (18 * 1024 * 1024))
+        assert good.act(observation(1, size=None)).shape == (23,)  # a 720/480 observation (3.74 MiB) fits
+        big.ws.send(b"\x00" * (6 * 1024 * 1024))
         with pytest.raises(ConnectionClosed) as e:
             big.ws.recv(timeout=30)
         assert e.value.rcvd.code == 1009
@@ -102,35 +105,43 @@ def test_oversized_message_closes_only_that_connection_with_1009(artifacts):
         srv.stop()
 
 
-def test_connection_cap_answers_503_before_the_upgrade_and_frees_slots(artifacts):
-    srv = _start(artifacts, max_connections=2)
+def test_connection_cap_makes_a_connection_wait_for_a_slot_within_a_bound(artifacts, caplog):
+    caplog.set_level(logging.INFO)
+    srv = _start(artifacts, max_connections=2, connect_wait_s=1.0)
     try:
         a = EvaluatorClient("127.0.0.1", srv.port)
         b = EvaluatorClient("127.0.0.1", srv.port)
-        with pytest.raises(InvalidStatus) as e:
-            connect(f"ws://127.0.0.1:{srv.port}", open_timeout=10)
-        assert e.value.response.status_code == 503
-        assert b"too many connections (2 open, --max-connections 2)" in e.value.response.body
+        late = connect(f"ws://127.0.0.1:{srv.port}", open_timeout=10)  # upgraded: no 503
+        with pytest.raises(TimeoutError):
+            late.recv(timeout=0.3)  # no metadata while both slots are held
+        assert srv.status()["waiting"] == 1
         a.close()
-        _wait_until(lambda: srv.connections < 2)
-        c = EvaluatorClient("127.0.0.1", srv.port)
-        assert c.act(observation(0)).shape == (23,) and b.act(observation(1)).shape == (23,)
+        assert isinstance(late.recv(timeout=10), bytes)  # a's slot went to it: the metadata frame
+        assert srv.connections == 2 and srv.status()["waiting"] == 0
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionClosed) as e:  # nothing frees within connect_wait_s: closed with 1013
+            connect(f"ws://127.0.0.1:{srv.port}", open_timeout=10).recv(timeout=10)
+        assert e.value.rcvd.code == 1013 and 0.9 < time.monotonic() - t0 < 5
+        assert srv.status()["rejected"] == 1
+        assert b.act(observation(1)).shape == (23,)
         b.close()
-        c.close()
+        late.close()
     finally:
         srv.stop()
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("serving"))
+    assert "waits for a slot: 2 open (--max-connections 2), 1 waiting; at most 1 s" in logged
+    assert "no slot freed within 1 s; closed with 1013" in logged
 
 
-def test_idle_connection_is_told_and_closed(artifacts):
+def test_idle_connection_is_closed_with_1013_and_only_when_enabled(artifacts):
+    assert SecurityConfig().idle_timeout_s == 0  # off by default: an evaluator is silent while a scene loads
     srv = _start(artifacts, idle_timeout_s=0.5)
     try:
         client = EvaluatorClient("127.0.0.1", srv.port)
         assert client.act(observation(0)).shape == (23,)  # activity keeps it open...
-        text = client.ws.recv(timeout=10)  # ...silence does not
-        assert text == "idle for 0.5 s without a message: closing; reconnect to continue"
-        with pytest.raises(ConnectionClosed) as e:
+        with pytest.raises(ConnectionClosed) as e:  # ...silence does not: no text frame (the client would raise)
             client.ws.recv(timeout=10)
-        assert e.value.rcvd.code == 1001
+        assert e.value.rcvd.code == 1013 and e.value.rcvd.reason == "idle for 0.5 s: reconnect"
         _wait_until(lambda: srv.connections == 0)
         assert srv.connections == 0  # the closed connection's slot (and memory) are released
     finally:
@@ -177,8 +188,11 @@ def test_tls_handshake_with_a_self_signed_certificate(artifacts, tmp_path):
 
 
 def test_security_settings_are_validated_and_keys_loaded(tmp_path):
-    with pytest.raises(ValueError, match="would reject the evaluator's full-resolution observations"):
-        SecurityConfig(max_message_mb=8)
+    with pytest.raises(ValueError, match=r"would reject the evaluator's full-resolution observations \(3.74 MiB"):
+        SecurityConfig(max_message_mb=3.5)
+    assert SecurityConfig().max_message_mb == 16  # ~4x the 3.74 MiB a 720/480 observation measures
+    with pytest.raises(ValueError, match="must be >= 0"):
+        SecurityConfig(connect_wait_s=-1)
     with pytest.raises(ValueError, match="at least 16 characters"):
         SecurityConfig(api_keys=("short",))
     with pytest.raises(ValueError, match="needs both --tls-cert and --tls-key"):
