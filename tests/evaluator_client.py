@@ -69,3 +69,93 @@ class EvaluatorClient:
 
     def close(self) -> None:
         self._conn.__exit__(None, None, None)
+
+
+class StockEvaluator:
+    """The stock BEHAVIOR evaluator client (BEHAVIOR-1K WebsocketClientPolicy as eval.py builds it), written from
+    its observed behaviour (issue 21), not from its code:
+    - lazy: the first reset()/act() connects. Connecting polls GET /healthz (2 s timeout, `poll_s` = 5 s between
+      tries, any failure retried) until 2xx, then opens the websocket (compression off, no size limit, ping
+      60/300 s, no API key: eval.py cannot configure one), retrying only ConnectionRefusedError, InvalidMessage and
+      EOFError; any other failure (an HTTP status such as 401 or 503) ends the run.
+    - the metadata frame is decoded with msgpack's strict map keys (an integer key raises).
+    - no receive timeout anywhere (the tests bound each call themselves).
+    - act(): send, receive; a text frame raises RuntimeError; a reply without "action" is re-sent up to twice; on
+      ConnectionClosedError (an abnormal close; 1000/1001 raise ConnectionClosedOK, which it does not catch) it
+      reconnects if allow_reconnect, resending the observation, at most twice. reset() sends and reads nothing,
+      and does not reconnect."""
+
+    def __init__(self, host: str, port: int, *, allow_reconnect: bool = False, poll_s: float = 5.0) -> None:
+        self.host, self.port, self.allow_reconnect, self.poll_s = host, port, allow_reconnect, poll_s
+        self.ws = None
+        self.metadata: Any = None
+        self.health_polls = 0  # GET /healthz sent, over all connects
+        self.connects = 0
+
+    def _connect(self) -> None:
+        import msgpack
+        from websockets.exceptions import InvalidMessage
+
+        while True:
+            self.health_polls += 1
+            try:
+                with urllib.request.urlopen(f"http://{self.host}:{self.port}/healthz", timeout=2) as r:
+                    if 200 <= r.status < 300:
+                        break
+            except Exception:  # noqa: BLE001, S110 - the stock client retries whatever went wrong
+                pass
+            time.sleep(self.poll_s)
+        while True:
+            try:
+                ws = connect(f"ws://{self.host}:{self.port}", compression=None, max_size=None, ping_interval=60,
+                             ping_timeout=300).__enter__()  # websockets 17 warns unless entered
+                self.metadata = msgpack.unpackb(ws.recv(), object_hook=_stock_unpack)  # strict_map_key
+                self.ws, self.connects = ws, self.connects + 1
+                return
+            except (ConnectionRefusedError, InvalidMessage, EOFError):
+                time.sleep(self.poll_s)
+
+    def reset(self) -> None:
+        if self.ws is None:
+            self._connect()
+        self.ws.send(pack({"reset": True}))
+
+    def act(self, obs: dict[str, Any]) -> tuple[np.ndarray, dict]:
+        """The action (float32) and the reply's server_timing."""
+        import msgpack
+        from websockets.exceptions import ConnectionClosedError
+
+        if self.ws is None:
+            self._connect()
+        data = pack(obs)
+        for attempt in range(3):
+            try:
+                self.ws.send(data)
+                reply = self.ws.recv()
+                if isinstance(reply, str):
+                    raise RuntimeError(f"Error in inference server:\n{reply}")
+                msg = msgpack.unpackb(reply, object_hook=_stock_unpack)
+                if "action" not in msg:
+                    if attempt < 2:
+                        continue
+                    raise RuntimeError(f"Server response missing 'action' key: {msg}")
+                return np.array(msg["action"], dtype=np.float32), msg.get("server_timing", {})
+            except ConnectionClosedError as e:
+                if self.allow_reconnect and attempt < 2:
+                    self._connect()
+                    continue
+                raise RuntimeError(f"Websocket connection error: {e}") from e
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.ws is not None:
+            self.ws.close()
+
+
+def _stock_unpack(obj: dict) -> Any:
+    # As msgpack-numpy decodes, with no checks: the stock client trusts the server.
+    if b"__ndarray__" in obj:
+        return np.ndarray(buffer=obj[b"data"], dtype=np.dtype(obj[b"dtype"]), shape=obj[b"shape"])
+    if b"__npgeneric__" in obj:
+        return np.dtype(obj[b"dtype"]).type(obj[b"data"])
+    return obj

@@ -111,7 +111,7 @@ def test_connection_cap_makes_a_connection_wait_for_a_slot_within_a_bound(artifa
     try:
         a = EvaluatorClient("127.0.0.1", srv.port)
         b = EvaluatorClient("127.0.0.1", srv.port)
-        late = connect(f"ws://127.0.0.1:{srv.port}", open_timeout=10)  # upgraded: no 503
+        late = connect(f"ws://127.0.0.1:{srv.port}", open_timeout=10).__enter__()  # upgraded: no 503
         with pytest.raises(TimeoutError):
             late.recv(timeout=0.3)  # no metadata while both slots are held
         assert srv.status()["waiting"] == 1
@@ -120,7 +120,7 @@ def test_connection_cap_makes_a_connection_wait_for_a_slot_within_a_bound(artifa
         assert srv.connections == 2 and srv.status()["waiting"] == 0
         t0 = time.monotonic()
         with pytest.raises(ConnectionClosed) as e:  # nothing frees within connect_wait_s: closed with 1013
-            connect(f"ws://127.0.0.1:{srv.port}", open_timeout=10).recv(timeout=10)
+            connect(f"ws://127.0.0.1:{srv.port}", open_timeout=10).__enter__().recv(timeout=10)
         assert e.value.rcvd.code == 1013 and 0.9 < time.monotonic() - t0 < 5
         assert srv.status()["rejected"] == 1
         assert b.act(observation(1)).shape == (23,)
