@@ -12,8 +12,15 @@ Heavy neighbours (issue 16): a 224-px evaluator's step latency alone (the baseli
 each in its own process, send maximal frames back to back: three 1024x1024 RGBA cameras (--max-image-side) with
 DefaultWrapper's depth and segmentation, 48 MiB each. Ratio = p95 with the heavy clients / p95 alone (target <= 2).
 
-    .venv/bin/python bench/serve_bench.py                # all parts, ~5 min on 2 cores
+Transport floor (issue 21): a zero-action server with the same wire format (msgpack-numpy, metadata frame,
+unanswered resets; like the BEHAVIOR repository's own server returning zeros) and ours, each in its own process,
+driven by tests/evaluator_client.StockEvaluator (3 resets, then steps as eval.py sends them) at 224 px and at
+720/480. Overhead = ours - floor, p50, on steps answered from the chunk (target <= 1 ms) and on inference steps
+(target <= the model's infer_ms + 2 ms).
+
+    .venv/bin/python bench/serve_bench.py                # all parts, ~6 min on 2 cores
     .venv/bin/python bench/serve_bench.py --only heavy   # the heavy-neighbour part, ~1 min
+    .venv/bin/python bench/serve_bench.py --only floor   # ours against the transport floor, ~1 min
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from serving.control.session import ControlSession  # noqa: E402
 from serving.observation import parse_observation  # noqa: E402
 from serving.policy import ServingPolicy  # noqa: E402
 from serving.wire import pack  # noqa: E402
-from tests.evaluator_client import EvaluatorClient  # noqa: E402
+from tests.evaluator_client import EvaluatorClient, StockEvaluator, wait_healthy  # noqa: E402
 from tests.serving_support import make_artifacts, observation  # noqa: E402
 
 
@@ -199,20 +206,104 @@ def heavy_neighbours(export: str, steps: int, heavy: int = 4, rounds: int = 3) -
             "p95_ratio": round(q["with_heavy"]["p95"] / q["alone"]["p95"], 2)}
 
 
+def floor_server(port: int) -> None:
+    """Runs in its own process: the transport floor, zeros for every observation."""
+    import asyncio
+    import http
+
+    from websockets.asyncio.server import serve
+
+    from serving.wire import unpack
+
+    zeros = pack({"action": np.zeros(23, np.float32), "server_timing": {"infer_ms": 0.0}})
+
+    async def handler(ws) -> None:
+        await ws.send(pack({}))
+        async for message in ws:
+            if "reset" in unpack(message):
+                continue
+            await ws.send(zeros)
+
+    def health(connection, request):
+        return connection.respond(http.HTTPStatus.OK, "OK\n") if request.path == "/healthz" else None
+
+    async def run() -> None:
+        async with serve(handler, "127.0.0.1", port, compression=None, max_size=None, process_request=health):
+            await asyncio.Future()
+
+    asyncio.run(run())
+
+
+def stock_steps(port: int, observations: list[dict]) -> tuple[list[float], list[float]]:
+    """ms per act() of the stock client (pack, send, receive, unpack: what eval.py waits for) and the server's
+    infer_ms of each step."""
+    ev = StockEvaluator("127.0.0.1", port, poll_s=0.2)
+    for _ in range(3):
+        ev.reset()
+    ms, infer = [], []
+    for obs in observations:
+        t0 = time.perf_counter()
+        _, timing = ev.act(obs)
+        ms.append((time.perf_counter() - t0) * 1e3)
+        infer.append(float(timing.get("infer_ms", 0.0)))
+    ev.close()
+    return ms, infer
+
+
+def against_floor(export: str, steps: int) -> dict:
+    out = {}
+    for label, size, n in (("224px", 224, steps), ("720_480", None, max(steps // 2, 40))):
+        frames = [observation(0, size=size, seed=i) for i in range(10)]
+        obs = [frames[i % 10] for i in range(n)]
+        port = free_port()
+        floor = subprocess.Popen([sys.executable, __file__, "--floor-server", str(port)])
+        try:
+            wait_healthy("127.0.0.1", port)
+            stock_steps(port, obs[:20])  # warm
+            floor_ms, _ = stock_steps(port, obs)
+        finally:
+            floor.kill()
+            floor.wait(timeout=30)
+        srv = Server(export)
+        try:
+            wait_healthy("127.0.0.1", srv.port, timeout_s=120)
+            stock_steps(srv.port, obs[:20])
+            ours_ms, infer = stock_steps(srv.port, obs)
+        finally:
+            srv.stop()
+        cached = [m for m, i in zip(ours_ms, infer) if i == 0]
+        inferring = [m for m, i in zip(ours_ms, infer) if i > 0]
+        f50 = float(np.percentile(floor_ms, 50))
+        infer_p50 = float(np.median([i for i in infer if i > 0]))
+        out[label] = {"steps": n, "floor_p50": round(f50, 3), "cached_p50": round(float(np.percentile(cached, 50)), 3),
+                      "inference_p50": round(float(np.percentile(inferring, 50)), 3),
+                      "infer_ms_p50": round(infer_p50, 3),
+                      "cached_overhead_p50_ms": round(float(np.percentile(cached, 50)) - f50, 3),
+                      "inference_overhead_p50_ms": round(float(np.percentile(inferring, 50)) - f50 - infer_p50, 3)}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seconds", type=float, default=8.0)
-    p.add_argument("--only", choices=["heavy"], default=None, help="run only the heavy-neighbour part")
+    p.add_argument("--only", choices=["heavy", "floor"], default=None, help="run only that part")
     p.add_argument("--heavy-client", type=int, default=None, metavar="PORT", help=argparse.SUPPRESS)
+    p.add_argument("--floor-server", type=int, default=None, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.heavy_client is not None:
         heavy_client(args.heavy_client)
+        return
+    if args.floor_server is not None:
+        floor_server(args.floor_server)
         return
     with tempfile.TemporaryDirectory(prefix="b1k-serve-bench-") as root:
         export = make_artifacts(Path(root))["a"]
         if args.only == "heavy":
             print(json.dumps(heavy_neighbours(export, args.steps), indent=1))
+            return
+        if args.only == "floor":
+            print(json.dumps(against_floor(export, args.steps), indent=1))
             return
         obs = [observation(0, seed=i) for i in range(args.steps)]
         result: dict = {"latency_ms": {}, "throughput": []}
@@ -230,6 +321,7 @@ def main() -> None:
                                          "batching_off": off["steps_per_s"],
                                          "ratio_on_over_off": round(on["steps_per_s"] / off["steps_per_s"], 2)})
         result["heavy_neighbours"] = heavy_neighbours(export, args.steps)
+        result["transport_floor"] = against_floor(export, args.steps)
     print(json.dumps(result, indent=1))
     lat = result["latency_ms"]["chunked"]
     print(f"server overhead p50 {lat['overhead_p50_ms']:.2f} ms per step (server {lat['server']['p50']:.2f} ms vs "
