@@ -206,3 +206,18 @@ def test_policy_server_api_keys_tls_limits_and_network_policies():
     job = next(o for o in closed if o["kind"] == "RayJob")
     head_labels = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]["labels"]
     assert head_labels["app.kubernetes.io/instance"] == "b1k-train"
+
+
+def test_network_policy_for_a_keyless_evaluator_admits_its_namespace_and_pods_only():
+    """docs/serving.md: the stock evaluator cannot send an API key, so the server is restricted to the evaluator's
+    namespace and, within it, its pods (one peer: both selectors must match)."""
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "behavior-eval"}},
+            "podSelector": {"matchLabels": {"app": "behavior-eval"}}}
+    objs = objects(render({"serving": {"apiKeysSecret": {"name": ""}},
+                           "networkPolicy": {"enabled": True, "policyServerFrom": [peer]}}))
+    server = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-policy"))
+    assert "B1K_API_KEYS_FILE" not in _env(server["spec"]["template"]["spec"]["containers"][0])
+    policy = next(o for o in objs if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].endswith("-policy"))
+    assert policy["spec"]["podSelector"]["matchLabels"] == server["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["ingress"] == [{"from": [peer], "ports": [{"port": "ws", "protocol": "TCP"}]}]
+    assert validate_object(policy) == []
