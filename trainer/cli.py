@@ -207,10 +207,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from serving.security import SecurityConfig, load_admin_keys, load_api_keys
     from serving.server import PolicyServer
 
+    limits = {k: getattr(args, k) for k in ("max_message_mb", "max_connections", "connect_wait_s", "idle_timeout_s",
+                                            "max_image_side") if getattr(args, k) is not None}
     security = SecurityConfig(api_keys=load_api_keys(file=args.api_keys_file),
-                              admin_keys=load_admin_keys(file=args.admin_keys_file), max_message_mb=args.max_message_mb,
-                              max_connections=args.max_connections, idle_timeout_s=args.idle_timeout_s,
-                              max_image_side=args.max_image_side, tls_cert=args.tls_cert, tls_key=args.tls_key)
+                              admin_keys=load_admin_keys(file=args.admin_keys_file), tls_cert=args.tls_cert,
+                              tls_key=args.tls_key, **limits)
     security.ssl_context()  # a bad certificate is an error now, not at the first connection
     if args.host not in ("127.0.0.1", "localhost", "::1") and not security.api_keys:
         logging.getLogger("serving").warning(
@@ -397,14 +398,21 @@ def build_parser() -> argparse.ArgumentParser:
                      "admin endpoints are off (404)")
     sec.add_argument("--tls-cert", default=None, help="PEM certificate (chain) for wss://")
     sec.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-    sec.add_argument("--max-message-mb", type=float, default=64.0,
-                     help="larger messages close the connection (1009); full-resolution observations are ~16 MB")
-    sec.add_argument("--max-image-side", type=int, default=1024, help="camera frames with a side above this (or of "
-                     "0) are a bad request; the evaluator sends 224x224, or 720x720 head and 480x480 wrists")
-    sec.add_argument("--max-connections", type=int, default=64, help="more get HTTP 503 before the upgrade; message "
-                     "memory is bounded by --max-message-mb x 2 per connection")
-    sec.add_argument("--idle-timeout-s", type=float, default=1800.0,
-                     help="close a connection that sent nothing for this long (1001)")
+    # Limits default to None: the server's SecurityConfig holds the one set of defaults (serving/security.py).
+    sec.add_argument("--max-message-mb", type=float, default=None,
+                     help="larger messages close the connection (1009); default 16 MiB, ~4x a full-resolution "
+                     "(720/480) observation of 3.74 MiB")
+    sec.add_argument("--max-image-side", type=int, default=None, help="camera frames with a side above this (or of "
+                     "0) are a bad request (default 1024); the evaluator sends 224x224, or 720x720 head and 480x480 "
+                     "wrists")
+    sec.add_argument("--max-connections", type=int, default=None, help="connections served at once (default 64); "
+                     "more wait for a slot (--connect-wait-s), since the stock evaluator dies on a refused upgrade")
+    sec.add_argument("--connect-wait-s", type=float, default=None,
+                     help="how long a connection over --max-connections waits for a slot before it is closed "
+                     "with 1013 (default 3600)")
+    sec.add_argument("--idle-timeout-s", type=float, default=None,
+                     help="close a connection that sent nothing for this long, with 1013 (which the stock client's "
+                     "allow_reconnect retries); default 0 = off: an evaluator is silent while a scene loads")
     sv.set_defaults(func=_cmd_serve)
 
     add_k8s_parser(sub, _recipes_epilog() + "\n\n" + _pipelines_epilog())
