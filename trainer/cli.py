@@ -218,7 +218,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "serving on %s without API keys: anyone who reaches the port can query the policy (set %s or "
             "--api-keys-file)", args.host, "B1K_API_KEYS")
     router = ModelRouter(args.model, memory_budget_bytes=int(args.memory_budget_gb * 2**30), device=args.device,
-                         overrides=args.set or [])
+                         overrides=args.set or [], preload=args.preload)
     _check_serve_sources(router)
     server = PolicyServer(router, host=args.host, port=args.port, batch_window_ms=args.batch_window_ms,
                           max_batch=1 if args.no_batching else args.max_batch, security=security)
@@ -388,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--no-batching", action="store_true", help="one request per inference")
     sv.add_argument("--memory-budget-gb", type=float, default=8.0,
                     help="resident models beyond this are unloaded, least recently used first")
+    sv.add_argument("--preload", choices=("auto", "all", "none"), default="auto",
+                    help="checkpoints loaded before /healthz turns 200: auto = every one that fits the memory budget "
+                    "(the rest on first use, warned), all = every one or refuse to start, none = the first only")
     sv.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a serving setting (below)")
     sec = sv.add_argument_group("security")
     sec.add_argument("--api-keys-file", default=None, help="accepted API keys, one per line (also $B1K_API_KEYS, "

@@ -182,7 +182,8 @@ def test_policy_server_api_keys_tls_limits_and_network_policies():
     server = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-policy"))
     pod = server["spec"]["template"]["spec"]
     (c,) = pod["containers"]
-    assert {"--max-message-mb=32", "--max-connections=8", "--idle-timeout-s=1800",
+    # idle timeout 0 = off: the evaluator is silent while a scene loads
+    assert {"--max-message-mb=32", "--max-connections=8", "--idle-timeout-s=0",
             "--tls-cert=/etc/b1k-train/tls/tls.crt", "--tls-key=/etc/b1k-train/tls/tls.key"} <= set(c["args"])
     assert _env(c)["B1K_API_KEYS_FILE"] == "/etc/b1k-train/api-keys/keys"
     volumes = {v["name"]: v for v in pod["volumes"]}

@@ -90,7 +90,7 @@ BAD_VALUES = [
     ({"serving": {"model": "my-model"}}, "at '/serving/model'"),
     ({"serving": {"gpus": 0}}, "at '/serving/gpus': minimum: got 0, want 1"),  # device cuda needs a GPU
     ({"serving": {"replica": 3}}, "at '/serving': additional properties 'replica' not allowed"),
-    ({"serving": {"maxMessageMb": 16}}, "at '/serving/maxMessageMb'"),
+    ({"serving": {"maxMessageMb": 3}}, "at '/serving/maxMessageMb'"),  # below a 720/480 observation
     ({"mlflow": {"enabled": False}}, "at '/mlflow/externalUri': minLength: got 0, want 1"),
     ({"podSecurityContext": {"runAsNonRoot": False}}, "at '/podSecurityContext/runAsNonRoot'"),
     ({"containerSecurityContext": {"allowPrivilegeEscalation": True}},

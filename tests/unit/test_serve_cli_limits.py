@@ -23,3 +23,12 @@ def test_flags_reach_the_config():
                                       "--max-connections", "3", "--max-message-mb", "8", "--max-image-side", "720"])
     cfg = SecurityConfig(**{k: getattr(args, k) for k in LIMITS})
     assert dataclasses.astuple(cfg)[2:7] == (8.0, 3, 5.0, 30.0, 720)
+
+
+def test_preload_flag_matches_the_routers_modes():
+    from serving.router import PRELOAD_MODES
+
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--model", "m"]).preload == "auto"
+    assert [parser.parse_args(["serve", "--model", "m", "--preload", m]).preload for m in PRELOAD_MODES] == \
+        list(PRELOAD_MODES)
